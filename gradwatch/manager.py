@@ -1,0 +1,193 @@
+"""The plugin host: one ``pluggy.PluginManager`` per watcher.
+
+Built-in plugins are loaded from this distribution's own ``gradwatch`` entry points
+(the group third parties use), then third-party entry points, then the plugin
+objects the user passes. A plugin that raises is reported once and switched off,
+so a bug in a detector never stops the user's training.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import os
+import sys
+import types
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import pluggy
+
+from gradwatch import hookspecs
+from gradwatch.types import GradWatchError, GradWatchWarning
+
+__all__ = ["BUILTIN_PLUGINS", "PluginHost", "make_plugin_manager"]
+
+#: Built-in plugins, in registration order; each is the name of its entry point in
+#: pyproject.toml and of its module ``gradwatch.plugins.<name>``.
+BUILTIN_PLUGINS: tuple[str, ...] = ("console",)
+
+_DISABLE_AUTOLOAD_ENV = "GRADWATCH_DISABLE_PLUGIN_AUTOLOAD"
+_DISABLE_PLUGINS_ENV = "GRADWATCH_DISABLE_PLUGINS"
+_TRACE_ENV = "GRADWATCH_TRACE_PLUGINS"
+
+
+def _env_list(name: str) -> list[str]:
+    return [part.strip() for part in os.environ.get(name, "").split(",") if part.strip()]
+
+
+def _entry_points() -> list[importlib.metadata.EntryPoint]:
+    return list(importlib.metadata.entry_points(group=hookspecs.PROJECT_NAME))
+
+
+def _own_entry_points() -> dict[str, importlib.metadata.EntryPoint]:
+    try:
+        dist = importlib.metadata.distribution(hookspecs.PROJECT_NAME)
+    except importlib.metadata.PackageNotFoundError:  # a source checkout that was never installed
+        return {}
+    return {ep.name: ep for ep in dist.entry_points.select(group=hookspecs.PROJECT_NAME)}
+
+
+def plugin_name(plugin: object) -> str:
+    """The name a user-supplied plugin object is registered under."""
+    name = getattr(plugin, "gradwatch_name", None) or getattr(plugin, "__name__", None)
+    if name is None:
+        name = type(plugin).__name__
+    return str(name)
+
+
+def make_plugin_manager(
+    *,
+    plugins: Iterable[object] = (),
+    disable: Iterable[str] = (),
+    autoload: bool = True,
+) -> pluggy.PluginManager:
+    """Create a plugin manager with the built-ins, third-party and given plugins.
+
+    Args:
+        plugins: Extra plugin objects (modules, classes or instances with ``gradwatch_*``
+            hook implementations), registered last.
+        disable: Names of plugins not to load, built-in or third-party.
+        autoload: Load third-party plugins from the ``gradwatch`` entry-point group
+            (``GRADWATCH_DISABLE_PLUGIN_AUTOLOAD=1`` turns it off too).
+
+    Raises:
+        GradWatchError: For an unknown name in ``disable`` or a hook implementation that
+            matches no specification (a misspelled hook).
+    """
+    pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+    pm.add_hookspecs(hookspecs)
+    plugins = list(plugins)
+    disable = [*disable, *_env_list(_DISABLE_PLUGINS_ENV)]
+    known = {*BUILTIN_PLUGINS, *(ep.name for ep in _entry_points()), *(plugin_name(p) for p in plugins)}
+    unknown = sorted(set(disable) - known)
+    if unknown:
+        raise GradWatchError(
+            f"disable names unknown plugin(s) {', '.join(map(repr, unknown))}; "
+            f"known plugins are: {', '.join(sorted(known))}"
+        )
+    for name in disable:
+        pm.set_blocked(name)
+
+    own = _own_entry_points()
+    for name in BUILTIN_PLUGINS:
+        if pm.is_blocked(name):
+            continue
+        ep = own.get(name)
+        module = ep.load() if ep is not None else importlib.import_module(f"gradwatch.plugins.{name}")
+        pm.register(module, name)
+
+    if autoload and not os.environ.get(_DISABLE_AUTOLOAD_ENV):
+        # Third parties; names already taken (the built-ins) and blocked names are skipped.
+        pm.load_setuptools_entrypoints(hookspecs.PROJECT_NAME)
+
+    for plugin in plugins:
+        name = plugin_name(plugin)
+        if pm.is_blocked(name):
+            continue
+        if pm.has_plugin(name):
+            raise GradWatchError(
+                f"a plugin named {name!r} is already registered; give yours another name "
+                "(set a 'gradwatch_name' attribute) or disable the other one"
+            )
+        pm.register(plugin, name)
+
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise GradWatchError(f"{exc}; hook names start with 'gradwatch_' (see gradwatch.hookspecs)") from exc
+    if os.environ.get(_TRACE_ENV):
+        pm.add_hookcall_monitoring(_trace_before, _trace_after)
+    return pm
+
+
+def _trace_before(hook_name: str, hook_impls: list[pluggy.HookImpl], kwargs: dict[str, Any]) -> None:
+    sys.stderr.write(f"gradwatch: {hook_name} -> {', '.join(str(i.plugin_name) for i in hook_impls)}\n")
+
+
+def _trace_after(outcome: pluggy.Result[Any], hook_name: str, hook_impls: list[pluggy.HookImpl], kwargs: dict[str, Any]) -> None:
+    failed = outcome.exception
+    sys.stderr.write(f"gradwatch: {hook_name} {'raised ' + repr(failed) if failed else 'done'}\n")
+
+
+class PluginHost:
+    """Calls hooks so that one failing plugin is switched off instead of failing all.
+
+    Args:
+        pm: The plugin manager.
+        strict: Re-raise a plugin's exception instead of switching the plugin off.
+    """
+
+    def __init__(self, pm: pluggy.PluginManager, *, strict: bool = False) -> None:
+        self.pm = pm
+        self.strict = strict
+        self.failed: dict[str, BaseException] = {}
+
+    def call(self, hook_name: str, **kwargs: Any) -> list[Any]:
+        """Call ``hook_name``; a plugin that raises is reported once, unregistered, and the
+        call is repeated without it, so the other plugins' results are not lost."""
+        while True:
+            caller = getattr(self.pm.hook, hook_name)
+            try:
+                return caller(**kwargs)
+            except Exception as exc:
+                if self.strict:
+                    raise
+                culprit = self._culprit(caller, exc)
+                if culprit is None:
+                    raise
+                self.switch_off(culprit, hook_name, exc)
+
+    def call_historic(self, hook_name: str, **kwargs: Any) -> None:
+        """Historic hooks (configure) are called once; their errors always propagate."""
+        getattr(self.pm.hook, hook_name).call_historic(kwargs=kwargs)
+
+    def switch_off(self, name: str, hook_name: str, exc: BaseException) -> None:
+        self.failed[name] = exc
+        self.pm.unregister(name=name)
+        warnings.warn(
+            f"gradwatch plugin {name!r} raised {type(exc).__name__}: {exc} in {hook_name}; "
+            "it is switched off for the rest of this watch and training goes on "
+            "(pass strict=True to re-raise)",
+            GradWatchWarning,
+            stacklevel=3,
+        )
+
+    @staticmethod
+    def _culprit(caller: pluggy.HookCaller, exc: BaseException) -> str | None:
+        """The plugin whose hook implementation raised: the innermost traceback frame
+        that runs one of this hook's implementation functions."""
+        codes: dict[types.CodeType, str] = {}
+        for impl in caller.get_hookimpls():
+            code = getattr(impl.function, "__code__", None)
+            if code is not None and impl.plugin_name is not None:
+                codes[code] = impl.plugin_name
+        culprit = None
+        tb = exc.__traceback__
+        while tb is not None:
+            name = codes.get(tb.tb_frame.f_code)
+            if name is not None:
+                culprit = name
+            tb = tb.tb_next
+        return culprit

@@ -1,0 +1,424 @@
+"""The statistics engine: per-layer gradient statistics on device, drained once per interval.
+
+The hot path does tensor work only. Per statistics step it launches a fixed number of
+``torch._foreach_*`` kernels per device (not per parameter), reduces per-tensor
+results to per-layer ones with one ``index_add_`` / ``scatter_reduce_`` each, and
+copies one stacked row into a preallocated ring buffer on the gradients' device.
+The host reads the ring once per report interval (:meth:`StatsRing.drain`), with a
+single device-to-host copy.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gradwatch.types import ModelInfo, Series, StatsWindow
+
+__all__ = ["GradBatch", "History", "Plan", "StatsRing", "CORE_STATS"]
+
+#: Rows of the per-step core statistics, in ring order.
+CORE_STATS = ("grad_norm", "grad_rms", "grad_max", "nonfinite", "present")
+
+_GRAD = operator.attrgetter("grad")
+_F32 = torch.float32
+
+
+@dataclass(frozen=True, slots=True)
+class _Group:
+    """The watched parameters on one device."""
+
+    device: torch.device
+    params: list[nn.Parameter]
+    index: torch.Tensor  # int64 layer index of each parameter, on ``device``
+
+
+class Plan:
+    """Which parameters are watched, grouped by device, and the layer each belongs to.
+
+    Built once, when the forward order of the layers is known. Shared (tied)
+    parameters are counted once, for the first layer that owns them; frozen ones
+    (``requires_grad=False``) are not watched.
+    """
+
+    def __init__(self, model: ModelInfo) -> None:
+        self.model = model
+        self.num_layers = len(model.layers)
+        params: list[nn.Parameter] = []
+        index: list[int] = []
+        for layer in model.layers:
+            for pname in layer.param_names:
+                params.append(layer.module.get_parameter(pname))
+                index.append(layer.index)
+        self.params = params
+        self.layer_of_param = index
+        numel = torch.zeros(self.num_layers, dtype=torch.float64)
+        for p, i in zip(params, index):
+            numel[i] += p.numel()
+        self.devices = sorted({p.device for p in params}, key=str)
+        self.device = params[0].device
+        self.numel = numel.to(_F32).to(self.device)
+        self.groups = []
+        for device in self.devices:
+            positions = [k for k, p in enumerate(params) if p.device == device]
+            self.groups.append(
+                _Group(
+                    device=device,
+                    params=[params[k] for k in positions],
+                    index=torch.tensor([index[k] for k in positions], dtype=torch.int64, device=device),
+                )
+            )
+        # Per "which gradients are missing" pattern, the group layout of the present ones.
+        self._layouts: dict[tuple[int, ...], list[_Group]] = {}
+
+    def batch(self) -> GradBatch:
+        """Gather this step's gradients (C-level ``map``; no Python loop when all are present)."""
+        groups: list[tuple[_Group, list[torch.Tensor]]] = []
+        for group in self.groups:
+            grads = list(map(_GRAD, group.params))
+            if None in grads:
+                # Unused parameters this step: watch the present ones. Builds (once per
+                # pattern) an index of the present gradients; a Python pass over the
+                # gradient list only on steps where some are missing.
+                missing = tuple(k for k, g in enumerate(grads) if g is None)
+                key = (id(group), *missing)
+                layout = self._layouts.get(key)
+                if layout is None:
+                    gone = set(missing)
+                    keep = [k for k in range(len(grads)) if k not in gone]
+                    layout = [
+                        _Group(
+                            device=group.device,
+                            params=[group.params[k] for k in keep],
+                            index=group.index[torch.tensor(keep, dtype=torch.int64, device=group.device)],
+                        )
+                    ]
+                    self._layouts[key] = layout
+                sub = layout[0]
+                grads = [g for g in grads if g is not None]
+                if grads:
+                    groups.append((sub, grads))
+            else:
+                groups.append((group, grads))
+        return GradBatch(self, groups)
+
+
+class GradBatch:
+    """One step's final gradients, with per-tensor and per-layer reductions cached.
+
+    Passed to ``gradwatch_collect`` and ``gradwatch_act``. Every method runs on device
+    and returns device tensors; nothing here reads a value on the host.
+    """
+
+    __slots__ = ("plan", "_groups", "_norms", "_maxabs", "_layer_sq")
+
+    def __init__(self, plan: Plan, groups: list[tuple[_Group, list[torch.Tensor]]]) -> None:
+        self.plan = plan
+        self._groups = groups
+        self._norms: torch.Tensor | None = None
+        self._maxabs: torch.Tensor | None = None
+        self._layer_sq: torch.Tensor | None = None
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        """The present gradients, in plan order."""
+        return [g for _, grads in self._groups for g in grads]
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        """The parameters of :attr:`tensors`, in the same order."""
+        return [p for group, _ in self._groups for p in group.params]
+
+    @property
+    def layer_index(self) -> torch.Tensor:
+        """int64 ``[P]``: the layer of each present gradient, on the statistics device."""
+        return torch.cat([group.index.to(self.plan.device) for group, _ in self._groups])
+
+    @property
+    def num_layers(self) -> int:
+        return self.plan.num_layers
+
+    def __len__(self) -> int:
+        return sum(len(grads) for _, grads in self._groups)
+
+    def _per_tensor(self, ord: float) -> torch.Tensor:
+        parts = []
+        for _, grads in self._groups:
+            # One foreach launch per device; float32 accumulation whatever the grad dtype.
+            parts.append(torch.stack(torch._foreach_norm(grads, ord, dtype=_F32)).to(self.plan.device))
+        if not parts:
+            return torch.zeros(0, dtype=_F32, device=self.plan.device)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    @torch.no_grad()
+    def norms(self) -> torch.Tensor:
+        """float32 ``[P]``: L2 norm of each present gradient."""
+        if self._norms is None:
+            self._norms = self._per_tensor(2.0)
+        return self._norms
+
+    @torch.no_grad()
+    def maxabs(self) -> torch.Tensor:
+        """float32 ``[P]``: max ``|g|`` of each present gradient (NaN if it holds a NaN)."""
+        if self._maxabs is None:
+            self._maxabs = self._per_tensor(math.inf)
+        return self._maxabs
+
+    @torch.no_grad()
+    def layer_sq(self) -> torch.Tensor:
+        """float32 ``[L]``: sum of squared gradient entries per layer."""
+        if self._layer_sq is None:
+            sq = torch.zeros(self.plan.num_layers, dtype=_F32, device=self.plan.device)
+            self._layer_sq = sq.index_add_(0, self.layer_index, self.norms().square())
+        return self._layer_sq
+
+    @torch.no_grad()
+    def layer_norms(self) -> torch.Tensor:
+        """float32 ``[L]``: L2 norm of each layer's gradient."""
+        return self.layer_sq().sqrt()
+
+    @torch.no_grad()
+    def total_norm(self) -> torch.Tensor:
+        """float32 scalar: global L2 norm, computed as ``clip_grad_norm_`` does (norm of norms)."""
+        return torch.linalg.vector_norm(self.norms(), 2.0)
+
+    @torch.no_grad()
+    def mul_(self, coefficient: torch.Tensor) -> None:
+        """Scale every present gradient in place by an on-device scalar (no host sync)."""
+        for group, grads in self._groups:
+            torch._foreach_mul_(grads, coefficient.to(group.device, non_blocking=True))
+
+    @torch.no_grad()
+    def core_row(self) -> torch.Tensor:
+        """float32 ``[len(CORE_STATS), L]``: this step's core statistics."""
+        plan = self.plan
+        index = self.layer_index
+        norm = self.layer_norms()
+        rms = norm / plan.numel.clamp_min(1.0).sqrt()
+        maxabs = self.maxabs()
+        layer_max = torch.zeros(plan.num_layers, dtype=_F32, device=plan.device)
+        layer_max.scatter_reduce_(0, index, maxabs, "amax", include_self=True)
+        ones = torch.ones_like(maxabs)
+        nonfinite = torch.zeros_like(layer_max).index_add_(0, index, (~torch.isfinite(maxabs)).to(_F32))
+        present = torch.zeros_like(layer_max).index_add_(0, index, ones)
+        return torch.stack((norm, rms, layer_max, nonfinite, present))
+
+
+class WeightSnapshot:
+    """Parameters copied before ``optimizer.step()`` on a sampled step, to measure the update."""
+
+    __slots__ = ("plan", "_copies")
+
+    @torch.no_grad()
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        # float32 copies so a bf16 update is measured exactly (sampled steps only).
+        self._copies = [
+            torch._foreach_mul(group.params, 1.0)
+            if all(p.dtype == _F32 for p in group.params)
+            else [p.detach().to(_F32) for p in group.params]
+            for group in plan.groups
+        ]
+
+    @torch.no_grad()
+    def measure(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(weight_norm [L], update_ratio [L])``: norms before the step, ``‖Δw‖/‖w‖``."""
+        plan = self.plan
+        w_sq = torch.zeros(plan.num_layers, dtype=_F32, device=plan.device)
+        d_sq = torch.zeros_like(w_sq)
+        for group, old in zip(plan.groups, self._copies):
+            now = [p.detach() if p.dtype == _F32 else p.detach().to(_F32) for p in group.params]
+            delta = torch._foreach_sub(now, old)
+            index = group.index.to(plan.device)
+            w_sq.index_add_(0, index, torch.stack(torch._foreach_norm(old, 2.0)).to(plan.device).square())
+            d_sq.index_add_(0, index, torch.stack(torch._foreach_norm(delta, 2.0)).to(plan.device).square())
+        w = w_sq.sqrt()
+        return w, d_sq.sqrt() / w.clamp_min(torch.finfo(_F32).tiny)
+
+
+class _Rows:
+    """A preallocated device ring of rows of one shape, with the host-known step of each row."""
+
+    __slots__ = ("buffer", "steps")
+
+    def __init__(self, capacity: int, shape: Sequence[int], device: torch.device) -> None:
+        self.buffer = torch.zeros((capacity, *shape), dtype=_F32, device=device)
+        self.steps: list[int] = []
+
+    def write(self, step: int, row: torch.Tensor) -> bool:
+        """Copy ``row`` in (no sync); ``False`` when the ring is full."""
+        slot = len(self.steps)
+        if slot >= self.buffer.shape[0]:
+            return False
+        self.buffer[slot].copy_(row, non_blocking=True)
+        self.steps.append(step)
+        return True
+
+    def flat(self) -> torch.Tensor:
+        return self.buffer[: len(self.steps)].reshape(-1)
+
+    def take(self, flat: torch.Tensor) -> Series:
+        n = len(self.steps)
+        values = flat.reshape((n, *self.buffer.shape[1:]))
+        steps = torch.tensor(self.steps, dtype=torch.int64)
+        self.steps = []
+        return Series(steps, values)
+
+
+class StatsRing:
+    """Device ring buffers for one report interval; :meth:`drain` is the one host read.
+
+    Args:
+        num_layers: Columns of the per-layer rows.
+        capacity: Rows per ring; one interval never writes more than ``report_every + 1``.
+        device: Where the rows live (the gradients' device).
+    """
+
+    def __init__(self, num_layers: int, capacity: int, device: torch.device) -> None:
+        self.num_layers = num_layers
+        self.capacity = capacity
+        self.device = device
+        self.core = _Rows(capacity, (len(CORE_STATS), num_layers), device)
+        self.total = _Rows(capacity, (), device)
+        self.weight = _Rows(capacity, (num_layers,), device)
+        self.update = _Rows(capacity, (num_layers,), device)
+        self.extras: dict[str, _Rows] = {}
+
+    @property
+    def full(self) -> bool:
+        rings = (self.core, self.total, self.weight, self.update, *self.extras.values())
+        return any(len(r.steps) >= self.capacity for r in rings)
+
+    def write_core(self, step: int, batch: GradBatch) -> None:
+        self.core.write(step, batch.core_row())
+        self.total.write(step, batch.total_norm())
+
+    def write_update(self, step: int, weight_norm: torch.Tensor, update_ratio: torch.Tensor) -> None:
+        self.weight.write(step, weight_norm)
+        self.update.write(step, update_ratio)
+
+    def write_extra(self, step: int, key: str, value: torch.Tensor) -> None:
+        rows = self.extras.get(key)
+        if rows is None:
+            rows = self.extras[key] = _Rows(self.capacity, tuple(value.shape), self.device)
+        elif tuple(value.shape) != tuple(rows.buffer.shape[1:]):
+            raise ValueError(
+                f"statistic {key!r} changed shape from {tuple(rows.buffer.shape[1:])} to {tuple(value.shape)}; "
+                "a key must keep one shape"
+            )
+        rows.write(step, value.detach().to(self.device, _F32, non_blocking=True))
+
+    def drain(self, *, layers: tuple[str, ...], amp_skips: Sequence[int], first_step: int, last_step: int, final: bool) -> StatsWindow:
+        """Read everything recorded since the last drain to the host, in one copy."""
+        rings: list[tuple[str, _Rows]] = [
+            ("core", self.core),
+            ("total", self.total),
+            ("weight", self.weight),
+            ("update", self.update),
+            *((f"extra:{k}", r) for k, r in self.extras.items()),
+        ]
+        flats = [r.flat() for _, r in rings]
+        sizes = [f.numel() for f in flats]
+        # The one device-to-host transfer (a sync) of the interval.
+        host = torch.cat(flats).cpu() if sum(sizes) else torch.zeros(0)
+        parts = dict(zip((name for name, _ in rings), torch.split(host, sizes)))
+        taken = {name: r.take(parts[name]) for name, r in rings}
+        core = taken["core"]
+        return StatsWindow(
+            layers=layers,
+            steps=core.steps,
+            grad_norm=core.values[:, 0],
+            grad_rms=core.values[:, 1],
+            grad_max=core.values[:, 2],
+            nonfinite=core.values[:, 3],
+            present=core.values[:, 4],
+            total_norm=taken["total"].values,
+            weight_norm=taken["weight"],
+            update_ratio=taken["update"],
+            extras={name.removeprefix("extra:"): s for name, s in taken.items() if name.startswith("extra:")},
+            amp_skips=tuple(amp_skips),
+            first_step=first_step,
+            last_step=last_step,
+            final=final,
+        )
+
+
+class History:
+    """Per-layer statistics over the whole run, on the host (the last ``max_rows`` rows).
+
+    Attributes:
+        layers: Layer names, the columns.
+        steps: int64 ``[S]``.
+        grad_norm, grad_rms, grad_max, nonfinite: float32 ``[S, L]``.
+        total_norm: float32 ``[S]``.
+        weight_norm, update_ratio: :class:`Series` of sampled steps.
+        amp_skips: Steps skipped by ``GradScaler``.
+    """
+
+    def __init__(self, layers: tuple[str, ...] = (), max_rows: int = 10_000) -> None:
+        self.layers = layers
+        self.max_rows = max_rows
+        empty = torch.zeros((0, len(layers)), dtype=_F32)
+        self.steps = torch.zeros(0, dtype=torch.int64)
+        self.grad_norm = self.grad_rms = self.grad_max = self.nonfinite = empty
+        self.total_norm = torch.zeros(0, dtype=_F32)
+        self.weight_norm = Series(self.steps, empty)
+        self.update_ratio = Series(self.steps, empty)
+        self.extras: dict[str, Series] = {}
+        self.amp_skips: list[int] = []
+
+    def __len__(self) -> int:
+        return int(self.steps.numel())
+
+    def _cat(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        if old.shape[1:] != new.shape[1:]:
+            old = new[:0]
+        return torch.cat((old, new))[-self.max_rows :]
+
+    def _cat_series(self, old: Series, new: Series) -> Series:
+        return Series(self._cat(old.steps, new.steps), self._cat(old.values, new.values))
+
+    def extend(self, window: StatsWindow) -> None:
+        if window.layers != self.layers:
+            self.__init__(window.layers, self.max_rows)  # type: ignore[misc]
+        self.steps = self._cat(self.steps, window.steps)
+        self.grad_norm = self._cat(self.grad_norm, window.grad_norm)
+        self.grad_rms = self._cat(self.grad_rms, window.grad_rms)
+        self.grad_max = self._cat(self.grad_max, window.grad_max)
+        self.nonfinite = self._cat(self.nonfinite, window.nonfinite)
+        self.total_norm = self._cat(self.total_norm, window.total_norm)
+        self.weight_norm = self._cat_series(self.weight_norm, window.weight_norm)
+        self.update_ratio = self._cat_series(self.update_ratio, window.update_ratio)
+        for key, series in window.extras.items():
+            old = self.extras.get(key)
+            self.extras[key] = series if old is None else self._cat_series(old, series)
+        self.amp_skips.extend(window.amp_skips)
+
+    def state_dict(self) -> dict[str, object]:
+        return {
+            "layers": list(self.layers),
+            "steps": self.steps,
+            "grad_norm": self.grad_norm,
+            "grad_rms": self.grad_rms,
+            "grad_max": self.grad_max,
+            "nonfinite": self.nonfinite,
+            "total_norm": self.total_norm,
+            "weight_norm": tuple(self.weight_norm),
+            "update_ratio": tuple(self.update_ratio),
+            "extras": {k: tuple(v) for k, v in self.extras.items()},
+            "amp_skips": list(self.amp_skips),
+        }
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.__init__(tuple(state["layers"]), self.max_rows)  # type: ignore[misc, arg-type]
+        for key in ("steps", "grad_norm", "grad_rms", "grad_max", "nonfinite", "total_norm"):
+            setattr(self, key, state[key])
+        self.weight_norm = Series(*state["weight_norm"])  # type: ignore[misc]
+        self.update_ratio = Series(*state["update_ratio"])  # type: ignore[misc]
+        self.extras = {k: Series(*v) for k, v in state["extras"].items()}  # type: ignore[attr-defined]
+        self.amp_skips = list(state["amp_skips"])  # type: ignore[call-overload]
