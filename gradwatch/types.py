@@ -200,6 +200,9 @@ class WatchConfig:
         sample_every: Steps between sampled work: forward activation probes, weight
             norms and the update-to-weight ratio. A multiple of ``stats_every``.
         clip: ``None``, a max global norm, or a mode name (see the clipping plugin).
+        on_nonfinite: What to do with a step whose gradients hold NaN/Inf (see the
+            clipping plugin): ``None`` (only diagnose), ``"skip"``, ``"zero"``,
+            ``"warn"`` or ``"raise"``.
         log: Path of the JSONL run log, or ``None``.
         plugins: Extra plugin objects registered after the built-ins.
         disable: Names of plugins (built-in or third-party) not to load.
@@ -214,6 +217,7 @@ class WatchConfig:
     stats_every: int = 4
     sample_every: int = 20
     clip: float | str | Any | None = None
+    on_nonfinite: str | None = None
     log: str | None = None
     plugins: tuple[object, ...] = ()
     disable: tuple[str, ...] = ()

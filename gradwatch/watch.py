@@ -318,6 +318,20 @@ class Watcher:
         (or from a framework callback); call it after backward and before the update."""
         self._guard(self._boundary)
 
+    def observe_loss(self, loss: torch.Tensor) -> None:
+        """Record this step's loss on device (no host sync), as ``window.extras["core.loss"]``.
+
+        Optional: detectors use it to tell a diverging loss from a converged one. The
+        Lightning callback records the training-step loss itself.
+        """
+        if self._attached and self._broken is None:
+            self._guard(lambda: self._record_loss(loss))
+
+    def _record_loss(self, loss: torch.Tensor) -> None:
+        self._ensure_plan()
+        assert self._ring is not None
+        self._ring.write_extra(self._step, "core.loss", loss.detach().reshape(()))
+
     def report(self) -> Report | None:
         """Drain the statistics so far, diagnose them and print the report now (rank zero)."""
         return self._guard(lambda: self._report_interval(final=False))
@@ -553,6 +567,7 @@ def watch(
     stats_every: int = 4,
     sample_every: int = 20,
     clip: float | str | Any | None = None,
+    on_nonfinite: str | None = None,
     log: str | None = None,
     plugins: Iterable[object] = (),
     disable: Iterable[str] = (),
@@ -574,6 +589,7 @@ def watch(
         stats_every: Steps between gradient statistics (1 = every step).
         sample_every: Steps between sampled probes, weight norms and update ratios.
         clip: ``None``, a max global norm, ``"autoclip"``, ``"zclip"`` or ``"agc"``.
+        on_nonfinite: ``None``, ``"skip"``, ``"zero"``, ``"warn"`` or ``"raise"``.
         log: Path of a JSONL run log.
         plugins: Extra plugin objects.
         disable: Names of plugins not to load.
@@ -598,6 +614,7 @@ def watch(
         stats_every=stats_every,
         sample_every=sample_every,
         clip=clip,
+        on_nonfinite=on_nonfinite,
         log=None if log is None else str(log),
         plugins=tuple(plugins),
         disable=tuple(disable) if not isinstance(disable, str) else disable,  # type: ignore[arg-type]
