@@ -354,7 +354,8 @@ class History:
     Attributes:
         layers: Layer names, the columns.
         steps: int64 ``[S]``.
-        grad_norm, grad_rms, grad_max, nonfinite: float32 ``[S, L]``.
+        grad_norm, grad_rms, grad_max, nonfinite, present: float32 ``[S, L]`` (see
+            :class:`~gradwatch.StatsWindow`).
         total_norm: float32 ``[S]``.
         weight_norm, update_ratio: :class:`Series` of sampled steps.
         amp_skips: Steps skipped by ``GradScaler``.
@@ -365,7 +366,7 @@ class History:
         self.max_rows = max_rows
         empty = torch.zeros((0, len(layers)), dtype=_F32)
         self.steps = torch.zeros(0, dtype=torch.int64)
-        self.grad_norm = self.grad_rms = self.grad_max = self.nonfinite = empty
+        self.grad_norm = self.grad_rms = self.grad_max = self.nonfinite = self.present = empty
         self.total_norm = torch.zeros(0, dtype=_F32)
         self.weight_norm = Series(self.steps, empty)
         self.update_ratio = Series(self.steps, empty)
@@ -391,6 +392,7 @@ class History:
         self.grad_rms = self._cat(self.grad_rms, window.grad_rms)
         self.grad_max = self._cat(self.grad_max, window.grad_max)
         self.nonfinite = self._cat(self.nonfinite, window.nonfinite)
+        self.present = self._cat(self.present, window.present)
         self.total_norm = self._cat(self.total_norm, window.total_norm)
         self.weight_norm = self._cat_series(self.weight_norm, window.weight_norm)
         self.update_ratio = self._cat_series(self.update_ratio, window.update_ratio)
@@ -407,6 +409,7 @@ class History:
             "grad_rms": self.grad_rms,
             "grad_max": self.grad_max,
             "nonfinite": self.nonfinite,
+            "present": self.present,
             "total_norm": self.total_norm,
             "weight_norm": tuple(self.weight_norm),
             "update_ratio": tuple(self.update_ratio),
@@ -416,7 +419,7 @@ class History:
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         self.__init__(tuple(state["layers"]), self.max_rows)  # type: ignore[misc, arg-type]
-        for key in ("steps", "grad_norm", "grad_rms", "grad_max", "nonfinite", "total_norm"):
+        for key in ("steps", "grad_norm", "grad_rms", "grad_max", "nonfinite", "present", "total_norm"):
             setattr(self, key, state[key])
         self.weight_norm = Series(*state["weight_norm"])  # type: ignore[misc]
         self.update_ratio = Series(*state["update_ratio"])  # type: ignore[misc]

@@ -10,9 +10,10 @@ A step, as the watcher sees it:
    of a sampled step is measured, the step counter advances, and every
    ``report_every`` steps the device ring is drained once and diagnosed on the host.
 
-A ``GradScaler`` that skips ``optimizer.step()`` is seen at the next forward: a backward
-ran, gradients were cleared, and no optimizer stepped. The step is counted as an AMP
-skip, apart from genuine non-finite gradients.
+A ``GradScaler`` (passed as ``scaler=``) that skips ``optimizer.step()`` is seen at the
+next forward: a backward ran, gradients were cleared, no optimizer stepped, and the loss
+scale dropped. The step is counted as an AMP skip, apart from genuine non-finite
+gradients.
 """
 
 from __future__ import annotations
@@ -53,6 +54,41 @@ __all__ = ["Probes", "Watcher", "watch", "unwrap_model", "find_layers"]
 # model -> {id(watcher): keys of the step sources it hooks}; weak so models die freely.
 _ATTACHED: weakref.WeakKeyDictionary[nn.Module, dict[int, frozenset[object]]] = weakref.WeakKeyDictionary()
 _EXPLICIT = "explicit gw.step()"
+
+
+def _inert(*args: object, **kwargs: object) -> None:
+    """What a gradwatch hook becomes in a deep copy or a pickle of an attached model."""
+    return None
+
+
+class _Hook:
+    """A hook registered by gradwatch.
+
+    A watcher's own methods are held weakly, so a watcher that is dropped without
+    ``detach()`` can still be collected (its hooks then do nothing). A deep copy or a
+    pickle of the model (an EMA copy taken mid-training, a checkpoint) gets an inert
+    hook instead of a copy of the watcher.
+    """
+
+    __slots__ = ("_fn", "_method")
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self._method = weakref.WeakMethod(fn) if hasattr(fn, "__self__") and hasattr(fn, "__func__") else None
+        self._fn = None if self._method is not None else fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        fn = self._fn if self._method is None else self._method()
+        return None if fn is None else fn(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict[int, object]) -> Callable[..., None]:
+        return _inert
+
+    def __reduce__(self) -> tuple[Callable[..., None], tuple[()]]:
+        return _inert_factory, ()
+
+
+def _inert_factory() -> Callable[..., None]:
+    return _inert
 
 
 def unwrap_model(model: nn.Module) -> tuple[nn.Module, bool]:
@@ -129,6 +165,7 @@ class Probes:
         self.permanent.append(handle)
 
     def _add(self, module: nn.Module, method: str, fn: Callable[..., Any], sampled: bool, kwargs: dict[str, Any]) -> None:
+        fn = _Hook(fn)
         if sampled:
             self._sampled.append((module, method, fn, kwargs))
             watcher = self._watcher()
@@ -181,6 +218,7 @@ class Watcher:
         config: WatchConfig,
         console: Console | None = None,
         history_size: int = 10_000,
+        scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise GradWatchError(
@@ -198,6 +236,8 @@ class Watcher:
                 "there are no gradients to watch: unfreeze a layer or watch another model"
             )
         _check_optimizers(inner, self.optimizers)
+        if scaler is not None and not (hasattr(scaler, "get_scale") and hasattr(scaler, "_scale")):
+            raise GradWatchError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
         self.model_info = ModelInfo(model=inner, layers=layers, order_known=False, compiled=compiled)
         self._console = console
         self.stash = Stash()
@@ -215,6 +255,11 @@ class Watcher:
         self._stepped: set[int] = set()
         self._snapshot: WeightSnapshot | None = None
         self._backward_seen = False
+        self.scaler = scaler
+        self._scale_seen: torch.Tensor | None = None
+        self._sentinel: nn.Parameter | None = None
+        self._sentinel_layer: nn.Module | None = None
+        self._sentinel_handle: RemovableHandle | None = None
         self._amp_skips: list[int] = []
         self._order: list[nn.Module] = []
         self._order_handles: list[RemovableHandle] = []
@@ -255,12 +300,13 @@ class Watcher:
         others[id(self)] = sources
         self._attached = True
         try:
-            self._handles.append(self.outer.register_forward_pre_hook(self._on_forward))
+            self._handles.append(self.outer.register_forward_pre_hook(_Hook(self._on_forward)))
             for optimizer in self.optimizers:
-                self._handles.append(optimizer.register_step_pre_hook(self._on_optimizer_step))
+                self._handles.append(optimizer.register_step_pre_hook(_Hook(self._on_optimizer_step)))
+            self._watch_backward(self.model_info.layers[0])
             if not self.model_info.order_known:
                 for layer in self.model_info.layers:
-                    self._order_handles.append(layer.module.register_forward_pre_hook(self._record_order))
+                    self._order_handles.append(layer.module.register_forward_pre_hook(_Hook(self._record_order)))
             self.host.call("gradwatch_attach", model=self.model_info, ctx=self._ctx(probes=self.probes))
             if self.model_info.compiled and self.probes._sampled:
                 # Adding and removing hooks every sampled step would recompile the graph.
@@ -307,6 +353,7 @@ class Watcher:
             handle.remove()
         self._handles = []
         self._order_handles = []
+        self._sentinel = self._sentinel_layer = self._sentinel_handle = None
         self.probes.remove_all()
         self._probing = False
         self._snapshot = None
@@ -337,7 +384,14 @@ class Watcher:
         return self._guard(lambda: self._report_interval(final=False))
 
     def state_dict(self) -> dict[str, Any]:
-        """Step count, history, diagnoses and every plugin's state, for a checkpoint."""
+        """Step count, history, diagnoses and every plugin's state, for a checkpoint.
+
+        A step whose optimizer update already ran is closed first, and the statistics
+        recorded so far are drained and diagnosed (a partial report interval), so the
+        checkpoint holds everything up to now.
+        """
+        if self._attached and self._broken is None:
+            self._guard(self._flush)
         plugins: dict[str, Any] = {}
         for part in self.host.call("gradwatch_state_dict", ctx=self._ctx()):
             plugins.update(part)
@@ -381,12 +435,29 @@ class Watcher:
     def _forward_started(self) -> None:
         if self._open:
             self._close()
-        elif self._backward_seen and self._plan is not None and self._plan.params[0].grad is None:
-            # A backward ran, its gradients were cleared, and no optimizer stepped:
-            # GradScaler skipped the step (inf/NaN after unscaling).
-            self._amp_skips.append(self._step)
+        elif self._backward_seen and self._sentinel is not None and self._sentinel.grad is None:
+            # A backward ran, its gradients were cleared, and no optimizer stepped: either
+            # GradScaler skipped the step, or the user discarded the gradients (a GAN's
+            # generator pass through the discriminator). Only a drop of the loss scale
+            # tells them apart: one host read, on such steps only.
             self._backward_seen = False
-            self._advance()
+            if self._scaler_skipped():
+                self._ensure_plan()
+                self._amp_skips.append(self._step)
+                self._advance()
+        if self.scaler is not None and self.scaler._scale is not None:
+            # Remember the scale on device (no sync) for the comparison above.
+            if self._scale_seen is None:
+                self._scale_seen = self.scaler._scale.detach().clone()
+            else:
+                self._scale_seen.copy_(self.scaler._scale)
+
+    def _scaler_skipped(self) -> bool:
+        scaler = self.scaler
+        if scaler is None or not scaler.is_enabled() or scaler._scale is None:
+            return False
+        previous = float(self._scale_seen) if self._scale_seen is not None else float(scaler._init_scale)
+        return float(scaler._scale) < previous
 
     def _optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self._open and id(optimizer) not in self._stepped:
@@ -451,13 +522,31 @@ class Watcher:
             self._plan = Plan(self.model_info)
             capacity = self.config.report_every + 1
             self._ring = StatsRing(self._plan.num_layers, capacity, self._plan.device)
-            self.history = History(self.model_info.names, max_rows=self.history.max_rows)
-            # Sentinel for AMP skips: the first layer's first parameter gets its gradient
-            # last in backward. A flag only; statistics are never read here.
-            self._handles.append(self._plan.params[0].register_post_accumulate_grad_hook(self._on_backward_done))
+            if self.history.layers != self.model_info.names:
+                self.history = History(self.model_info.names, max_rows=self.history.max_rows)
+            if self._order and self.model_info.layers[0].module is not self._sentinel_layer:
+                self._watch_backward(self.model_info.layers[0])
         return self._plan
 
+    def _watch_backward(self, layer: LayerInfo) -> None:
+        """Put the "a backward ran" flag on ``layer``'s first parameter (the first layer in
+        forward order once known: it gets its gradient last). A flag only; statistics are
+        never read in a tensor hook (it fires before accumulation and DDP's all-reduce)."""
+        if self._sentinel_handle is not None:
+            self._sentinel_handle.remove()
+            self._handles.remove(self._sentinel_handle)
+        self._sentinel_layer = layer.module
+        self._sentinel = layer.module.get_parameter(layer.param_names[0])
+        self._sentinel_handle = self._sentinel.register_post_accumulate_grad_hook(_Hook(self._on_backward_done))
+        self._handles.append(self._sentinel_handle)
+
     # ------------------------------------------------------------------ host side
+
+    def _flush(self) -> None:
+        if self._open:
+            self._close()
+        if self._interval_start < self._step:
+            self._report_interval(final=False)
 
     def _finish(self) -> None:
         if self._open:
@@ -577,6 +666,7 @@ def watch(
     options: Mapping[str, Mapping[str, Any]] | None = None,
     console: Console | None = None,
     history_size: int = 10_000,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> Watcher:
     """Watch the gradients of ``model`` and attach now.
 
@@ -599,6 +689,9 @@ def watch(
         options: Per-plugin options, ``{"vanishing": {"ratio": 1e-3}}``.
         console: The rich console for reports (default: ``rich.get_console()``).
         history_size: Rows of per-layer statistics kept in :attr:`Watcher.history`.
+        scaler: The ``torch.amp.GradScaler`` of a mixed-precision loop: steps it skips
+            (gradients overflowed) are counted as AMP skips, apart from genuine non-finite
+            gradients. Without it, such steps are not counted.
 
     Example::
 
@@ -623,7 +716,7 @@ def watch(
         report=report,
         options=dict(options or {}),
     )
-    return Watcher(model, optimizer, config=config, console=console, history_size=history_size).attach()
+    return Watcher(model, optimizer, config=config, console=console, history_size=history_size, scaler=scaler).attach()
 
 
 def _as_optimizers(optimizer: object) -> tuple[torch.optim.Optimizer, ...]:
