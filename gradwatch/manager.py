@@ -12,7 +12,6 @@ import importlib
 import importlib.metadata
 import os
 import sys
-import types
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -26,7 +25,7 @@ __all__ = ["BUILTIN_PLUGINS", "PluginHost", "make_plugin_manager"]
 
 #: Built-in plugins, in registration order; each is the name of its entry point in
 #: pyproject.toml and of its module ``gradwatch.plugins.<name>``.
-BUILTIN_PLUGINS: tuple[str, ...] = ("console",)
+BUILTIN_PLUGINS: tuple[str, ...] = ("recurrent", "init", "clipping", "console", "runlog")
 
 _DISABLE_AUTOLOAD_ENV = "GRADWATCH_DISABLE_PLUGIN_AUTOLOAD"
 _DISABLE_PLUGINS_ENV = "GRADWATCH_DISABLE_PLUGINS"
@@ -132,32 +131,60 @@ def _trace_after(outcome: pluggy.Result[Any], hook_name: str, hook_impls: list[p
 
 
 class PluginHost:
-    """Calls hooks so that one failing plugin is switched off instead of failing all.
+    """Calls hooks so that one failing plugin is switched off instead of failing the call.
+
+    Each hook implementation is wrapped once: an exception is recorded and the
+    implementation returns ``None`` (so the other plugins' results of the same call are
+    kept and nobody runs twice); after the call the plugin is reported once and
+    unregistered. ``gradwatch_configure`` is not wrapped: its errors are the user's bad
+    options and must reach them.
 
     Args:
         pm: The plugin manager.
         strict: Re-raise a plugin's exception instead of switching the plugin off.
     """
 
+    _UNGUARDED = frozenset({"gradwatch_configure"})
+
     def __init__(self, pm: pluggy.PluginManager, *, strict: bool = False) -> None:
         self.pm = pm
         self.strict = strict
         self.failed: dict[str, BaseException] = {}
+        self._pending: list[tuple[str, str, BaseException]] = []
+        for hook_name in self.pm.hook.__dict__:
+            if hook_name.startswith("gradwatch_") and hook_name not in self._UNGUARDED:
+                for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+                    self._guard(impl, hook_name)
+
+    def _guard(self, impl: pluggy.HookImpl, hook_name: str) -> None:
+        if impl.wrapper or impl.hookwrapper:
+            return  # a wrapper's failure aborts the call; the host reports it as its own
+        function = impl.function
+        name = impl.plugin_name
+        pending = self._pending
+        strict = self.strict
+
+        def guarded(*args: Any) -> Any:
+            try:
+                return function(*args)
+            except GradWatchError:
+                raise  # deliberate, for the user (on_nonfinite="raise"): never a plugin bug
+            except Exception as exc:
+                if strict:
+                    raise
+                pending.append((name, hook_name, exc))
+                return None
+
+        impl.function = guarded
 
     def call(self, hook_name: str, **kwargs: Any) -> list[Any]:
-        """Call ``hook_name``; a plugin that raises is reported once, unregistered, and the
-        call is repeated without it, so the other plugins' results are not lost."""
-        while True:
-            caller = getattr(self.pm.hook, hook_name)
-            try:
-                return caller(**kwargs)
-            except Exception as exc:
-                if self.strict:
-                    raise
-                culprit = self._culprit(caller, exc)
-                if culprit is None:
-                    raise
-                self.switch_off(culprit, hook_name, exc)
+        """Call ``hook_name`` and switch off every plugin that raised in it."""
+        results = getattr(self.pm.hook, hook_name)(**kwargs)
+        while self._pending:
+            name, failed_hook, exc = self._pending.pop(0)
+            if name not in self.failed:
+                self.switch_off(name, failed_hook, exc)
+        return results
 
     def call_historic(self, hook_name: str, **kwargs: Any) -> None:
         """Historic hooks (configure) are called once; their errors always propagate."""
@@ -165,29 +192,12 @@ class PluginHost:
 
     def switch_off(self, name: str, hook_name: str, exc: BaseException) -> None:
         self.failed[name] = exc
-        self.pm.unregister(name=name)
+        if self.pm.get_plugin(name) is not None:
+            self.pm.unregister(name=name)
         warnings.warn(
             f"gradwatch plugin {name!r} raised {type(exc).__name__}: {exc} in {hook_name}; "
             "it is switched off for the rest of this watch and training goes on "
             "(pass strict=True to re-raise)",
             GradWatchWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
-
-    @staticmethod
-    def _culprit(caller: pluggy.HookCaller, exc: BaseException) -> str | None:
-        """The plugin whose hook implementation raised: the innermost traceback frame
-        that runs one of this hook's implementation functions."""
-        codes: dict[types.CodeType, str] = {}
-        for impl in caller.get_hookimpls():
-            code = getattr(impl.function, "__code__", None)
-            if code is not None and impl.plugin_name is not None:
-                codes[code] = impl.plugin_name
-        culprit = None
-        tb = exc.__traceback__
-        while tb is not None:
-            name = codes.get(tb.tb_frame.f_code)
-            if name is not None:
-                culprit = name
-            tb = tb.tb_next
-        return culprit

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import gradwatch
+from gradwatch.manager import BUILTIN_PLUGINS
 from gradwatch.testing import TinyModel
 
 
@@ -64,7 +65,9 @@ def test_statistics_equal_plain_torch(dtype: torch.dtype) -> None:
     expected: list[dict[str, list[float]]] = []
     totals: list[float] = []
     updates: list[list[float]] = []
-    with gradwatch.watch(model, opt, stats_every=1, sample_every=1, report_every=5, report=False, autoload=False) as gw:
+    # Core statistics only: plugins (fx tracing in the advisor, say) must not run the
+    # model's forward, which counts its calls here.
+    with gradwatch.watch(model, opt, stats_every=1, sample_every=1, report_every=5, report=False, disable=BUILTIN_PLUGINS) as gw:
         for step in range(12):
             x = torch.randn(32, 8, dtype=dtype)
             model(x).float().pow(2).mean().backward()
