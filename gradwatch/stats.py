@@ -14,11 +14,12 @@ import math
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from gradwatch.types import ModelInfo, Series, StatsWindow
+from gradwatch.types import GradWatchError, ModelInfo, Series, StatsWindow
 
 __all__ = ["GradBatch", "History", "Plan", "StatsRing", "CORE_STATS"]
 
@@ -31,11 +32,41 @@ _F32 = torch.float32
 
 @dataclass(frozen=True, slots=True)
 class _Group:
-    """The watched parameters on one device."""
+    """The watched parameters on one device (and, for sharded ones, one process group)."""
 
     device: torch.device
     params: list[nn.Parameter]
     index: torch.Tensor  # int64 layer index of each parameter, on ``device``
+    shard_group: Any = None  # the process group a sharded (DTensor) group reduces over
+
+    def local(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The local shards of DTensors (FSDP2); plain tensors as they are. A Python pass
+        over the list, for sharded groups only: DTensor dispatch is per tensor anyway."""
+        return [t.to_local() for t in tensors] if self.shard_group is not None else tensors
+
+    def reduce_(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
+        """Combine per-shard partial results over the shard group (every rank calls this in
+        the same order: it runs on statistics steps, which all ranks share)."""
+        if self.shard_group is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=self.shard_group)
+        return tensor
+
+
+def _shard_group(param: torch.Tensor) -> Any:
+    """The process group over which a DTensor parameter is sharded, or ``None``."""
+    mesh = getattr(param, "device_mesh", None)
+    if mesh is None or not hasattr(param, "to_local"):
+        return None
+    if not any(type(p).__name__ == "Shard" or getattr(p, "is_shard", lambda: False)() for p in param.placements):
+        return None
+    if mesh.ndim != 1:
+        raise GradWatchError(
+            f"parameters sharded over a {mesh.ndim}-D device mesh (HSDP) are not supported yet; "
+            "gradwatch supports FSDP2 over a 1-D mesh and DDP"
+        )
+    return mesh.get_group()
 
 
 class Plan:
@@ -60,19 +91,21 @@ class Plan:
         numel = torch.zeros(self.num_layers, dtype=torch.float64)
         for p, i in zip(params, index):
             numel[i] += p.numel()
-        self.devices = sorted({p.device for p in params}, key=str)
         self.device = params[0].device
         self.numel = numel.to(_F32).to(self.device)
-        self.groups = []
-        for device in self.devices:
-            positions = [k for k, p in enumerate(params) if p.device == device]
-            self.groups.append(
-                _Group(
-                    device=device,
-                    params=[params[k] for k in positions],
-                    index=torch.tensor([index[k] for k in positions], dtype=torch.int64, device=device),
-                )
+        keys: dict[tuple[str, int], tuple[torch.device, Any, list[int]]] = {}
+        for k, p in enumerate(params):
+            group = _shard_group(p)
+            keys.setdefault((str(p.device), id(group)), (p.device, group, []))[2].append(k)
+        self.groups = [
+            _Group(
+                device=device,
+                params=[params[k] for k in positions],
+                index=torch.tensor([index[k] for k in positions], dtype=torch.int64, device=device),
+                shard_group=group,
             )
+            for device, group, positions in keys.values()
+        ]
         # Per "which gradients are missing" pattern, the group layout of the present ones.
         self._layouts: dict[tuple[int, ...], list[_Group]] = {}
 
@@ -96,15 +129,16 @@ class Plan:
                             device=group.device,
                             params=[group.params[k] for k in keep],
                             index=group.index[torch.tensor(keep, dtype=torch.int64, device=group.device)],
+                            shard_group=group.shard_group,
                         )
                     ]
                     self._layouts[key] = layout
                 sub = layout[0]
                 grads = [g for g in grads if g is not None]
                 if grads:
-                    groups.append((sub, grads))
+                    groups.append((sub, sub.local(grads)))
             else:
-                groups.append((group, grads))
+                groups.append((group, group.local(grads)))
         return GradBatch(self, groups)
 
 
@@ -148,9 +182,14 @@ class GradBatch:
 
     def _per_tensor(self, ord: float) -> torch.Tensor:
         parts = []
-        for _, grads in self._groups:
+        for group, grads in self._groups:
             # One foreach launch per device; float32 accumulation whatever the grad dtype.
-            parts.append(torch.stack(torch._foreach_norm(grads, ord, dtype=_F32)).to(self.plan.device))
+            norms = torch.stack(torch._foreach_norm(grads, ord, dtype=_F32))
+            if group.shard_group is not None:
+                # Sharded gradients: squares (or maxima) of the shards are combined across
+                # the shard group before the norm is taken.
+                norms = group.reduce_(norms.square(), "sum").sqrt() if ord == 2.0 else group.reduce_(norms, "max")
+            parts.append(norms.to(self.plan.device))
         if not parts:
             return torch.zeros(0, dtype=_F32, device=self.plan.device)
         return parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -189,7 +228,8 @@ class GradBatch:
 
     @torch.no_grad()
     def mul_(self, coefficient: torch.Tensor) -> None:
-        """Scale every present gradient in place by an on-device scalar (no host sync)."""
+        """Scale every present gradient (each rank's shards) in place by an on-device
+        scalar (no host sync)."""
         for group, grads in self._groups:
             torch._foreach_mul_(grads, coefficient.to(group.device, non_blocking=True))
 
@@ -219,9 +259,9 @@ class WeightSnapshot:
         self.plan = plan
         # float32 copies so a bf16 update is measured exactly (sampled steps only).
         self._copies = [
-            torch._foreach_mul(group.params, 1.0)
+            torch._foreach_mul(group.local(group.params), 1.0)
             if all(p.dtype == _F32 for p in group.params)
-            else [p.detach().to(_F32) for p in group.params]
+            else [p.detach().to(_F32) for p in group.local(group.params)]
             for group in plan.groups
         ]
 
@@ -232,11 +272,13 @@ class WeightSnapshot:
         w_sq = torch.zeros(plan.num_layers, dtype=_F32, device=plan.device)
         d_sq = torch.zeros_like(w_sq)
         for group, old in zip(plan.groups, self._copies):
-            now = [p.detach() if p.dtype == _F32 else p.detach().to(_F32) for p in group.params]
+            now = [p.detach() if p.dtype == _F32 else p.detach().to(_F32) for p in group.local(group.params)]
             delta = torch._foreach_sub(now, old)
             index = group.index.to(plan.device)
-            w_sq.index_add_(0, index, torch.stack(torch._foreach_norm(old, 2.0)).to(plan.device).square())
-            d_sq.index_add_(0, index, torch.stack(torch._foreach_norm(delta, 2.0)).to(plan.device).square())
+            sq = torch.stack((torch.stack(torch._foreach_norm(old, 2.0)), torch.stack(torch._foreach_norm(delta, 2.0)))).square()
+            sq = group.reduce_(sq, "sum").to(plan.device)
+            w_sq.index_add_(0, index, sq[0])
+            d_sq.index_add_(0, index, sq[1])
         w = w_sq.sqrt()
         return w, d_sq.sqrt() / w.clamp_min(torch.finfo(_F32).tiny)
 

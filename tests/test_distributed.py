@@ -60,3 +60,59 @@ def test_ddp_two_processes_same_statistics_rank_zero_prints(tmp_path) -> None:
         assert torch.equal(a, b)
     assert "gradient flow" in r0["printed"] and r1["printed"] == ""
     assert r0["hooks"] == r1["hooks"] == 0
+
+
+def _fsdp_worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        torch.manual_seed(0)
+        model = TinyModel(8, 16, 4)
+        for layer in (model.linear1, model.linear2):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        g = torch.Generator().manual_seed(100 + rank)
+        expected, expected_ratio = [], []
+        with gradwatch.watch(model, opt, stats_every=1, sample_every=1, report=False) as gw:
+            for _ in range(4):
+                model(torch.randn(8, 8, generator=g)).pow(2).mean().backward()
+                # Reference: the full (unsharded) gradients, plain torch; collectives on every rank.
+                full = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+                before = {n: p.full_tensor().clone() for n, p in model.named_parameters()}
+                expected.append([
+                    torch.sqrt(full[f"{layer}.weight"].pow(2).sum() + full[f"{layer}.bias"].pow(2).sum())
+                    for layer in ("linear1", "linear2")
+                ])  # fmt: skip
+                opt.step()
+                after = {n: p.full_tensor() for n, p in model.named_parameters()}
+                expected_ratio.append([
+                    torch.sqrt(sum((after[f"{l}.{k}"] - before[f"{l}.{k}"]).pow(2).sum() for k in ("weight", "bias")))
+                    / torch.sqrt(sum(before[f"{l}.{k}"].pow(2).sum() for k in ("weight", "bias")))
+                    for l in ("linear1", "linear2")
+                ])  # fmt: skip
+                opt.zero_grad()
+        torch.save(
+            {
+                "grad_norm": gw.history.grad_norm,
+                "expected": torch.tensor([[float(v) for v in row] for row in expected]),
+                "update_ratio": gw.history.update_ratio.values,
+                "expected_ratio": torch.tensor([[float(v) for v in row] for row in expected_ratio]),
+            },
+            os.path.join(out_dir, f"fsdp{rank}.pt"),
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp2_sharded_gradients_are_reduced_before_norms(tmp_path) -> None:
+    mp.spawn(_fsdp_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"fsdp{r}.pt", weights_only=False) for r in (0, 1))
+    for r in (r0, r1):
+        torch.testing.assert_close(r["grad_norm"], r["expected"], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(r["update_ratio"], r["expected_ratio"], rtol=1e-4, atol=1e-8)
+    assert torch.equal(r0["grad_norm"], r1["grad_norm"])
