@@ -47,6 +47,8 @@ from gradwatch.types import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Set as AbstractSet
+
     from rich.console import Console
 
 __all__ = ["Probes", "Watcher", "watch", "unwrap_model", "find_layers"]
@@ -109,10 +111,12 @@ def unwrap_model(model: nn.Module) -> tuple[nn.Module, bool]:
             return model, compiled
 
 
-def find_layers(root: nn.Module, order: Sequence[nn.Module] = ()) -> tuple[LayerInfo, ...]:
+def find_layers(
+    root: nn.Module, order: Sequence[nn.Module] = (), keep: AbstractSet[int] | None = None
+) -> tuple[LayerInfo, ...]:
     """The modules that own trainable parameters directly, in ``order`` first (forward
     order), then the rest in ``named_modules()`` order. A shared parameter belongs to the
-    first layer that owns it."""
+    first layer that owns it. With ``keep`` (ids of parameters), only those are watched."""
     named = [(name, module) for name, module in root.named_modules(remove_duplicate=True)]
     rank = {id(m): k for k, m in enumerate(order)}
     named.sort(key=lambda item: rank.get(id(item[1]), len(rank)))
@@ -121,7 +125,7 @@ def find_layers(root: nn.Module, order: Sequence[nn.Module] = ()) -> tuple[Layer
     for name, module in named:
         own = []
         for pname, param in module.named_parameters(recurse=False):
-            if param.requires_grad and id(param) not in seen:
+            if param.requires_grad and id(param) not in seen and (keep is None or id(param) in keep):
                 seen.add(id(param))
                 own.append((pname, param))
         if own:
@@ -219,6 +223,7 @@ class Watcher:
         console: Console | None = None,
         history_size: int = 10_000,
         scaler: torch.amp.GradScaler | None = None,
+        params: Iterable[nn.Parameter] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise GradWatchError(
@@ -229,7 +234,14 @@ class Watcher:
         inner, compiled = unwrap_model(model)
         self.model = inner
         self.optimizers = _as_optimizers(optimizer)
-        layers = find_layers(inner)
+        # ``params``: watch only these (one optimizer's share of a GAN, say); None = all.
+        self._keep = None if params is None else frozenset(id(p) for p in params)
+        layers = find_layers(inner, keep=self._keep)
+        if not layers and self._keep is not None:
+            raise GradWatchError(
+                f"none of the {len(self._keep)} parameter(s) given as params= is a trainable parameter of "
+                f"{type(inner).__name__}; pass parameters of the watched model"
+            )
         if not layers:
             raise GradWatchError(
                 f"{type(inner).__name__} has no trainable parameters (none with requires_grad=True); "
@@ -288,11 +300,14 @@ class Watcher:
         if self._attached:
             raise GradWatchError("this watcher is already attached; call detach() before attaching it again")
         sources = frozenset(id(o) for o in self.optimizers) or frozenset({_EXPLICIT})
+        if self._keep is not None and not self.optimizers:
+            # Explicit steps over a subset: clash only with a watcher of the same parameters.
+            sources = frozenset((_EXPLICIT, pid) for pid in self._keep)
         others = _ATTACHED.setdefault(self.model, {})
         for other in others.values():
             clash = other & sources
             if clash:
-                what = "the same optimizer" if _EXPLICIT not in clash else "explicit steps (no optimizer)"
+                what = "the same optimizer" if all(isinstance(k, int) for k in clash) else "explicit steps (no optimizer)"
                 raise GradWatchError(
                     f"another gradwatch watcher is already attached to this {type(self.model).__name__} with {what}; "
                     "detach it first (leave its `with` block or call .detach()), or watch a different optimizer"
@@ -517,7 +532,7 @@ class Watcher:
                 handle.remove()
             self._order_handles = []
             if self._order:
-                layers = find_layers(self.model, order=list(dict.fromkeys(self._order)))
+                layers = find_layers(self.model, order=list(dict.fromkeys(self._order)), keep=self._keep)
                 self.model_info = dataclasses.replace(self.model_info, layers=layers, order_known=True)
             self._plan = Plan(self.model_info)
             capacity = self.config.report_every + 1

@@ -1,0 +1,573 @@
+"""The Lightning callback: ``Trainer(callbacks=[gradwatch.GradWatch()])``.
+
+One implementation, :class:`GradWatchCallback`, holds every hook; the classes the
+Trainers accept are built from it on first use, one per Lightning package, because each
+Trainer checks ``isinstance(callback, Callback)`` against its *own* package:
+
+* ``gradwatch.GradWatch`` (= ``gradwatch.lightning.GradWatch``) derives from
+  ``pytorch_lightning.Callback`` (from ``lightning.pytorch.Callback`` when only the
+  unified ``lightning`` package is installed);
+* ``gradwatch.lightning.LightningGradWatch`` derives from ``lightning.pytorch.Callback``.
+
+Importing this module imports no Lightning package; resolving one of those names
+imports the package it is built for, and only that one (mixing the two in one run is
+what Lightning#17485 warns about).
+
+Where a step is seen: ``on_before_optimizer_step``, once per optimizer step, after the
+closure ran (so after every accumulated backward), after DDP's all-reduce and after the
+AMP scaler's ``unscale_``, before Lightning's own gradient clipping. No optimizer hook is
+used: under automatic optimisation Lightning runs forward and backward *inside*
+``optimizer.step(closure)``, so an optimizer step pre-hook would fire before the
+gradients exist.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import io
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from gradwatch.hookspecs import hookimpl
+from gradwatch.types import Diagnosis, GradWatchError, GradWatchWarning, WatchConfig
+from gradwatch.watch import Watcher
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from gradwatch.stats import GradBatch
+
+__all__ = ["GradWatch", "GradWatchCallback", "LightningGradWatch", "callback_class"]
+
+#: ``state_key`` of the callback in checkpoints; the same for both packages, so a
+#: checkpoint written under ``pytorch_lightning`` resumes under ``lightning.pytorch``.
+STATE_KEY = "GradWatch"
+
+_PACKAGES = ("pytorch_lightning", "lightning.pytorch")
+_LOG_LAYERS = ("auto", "all", "aggregate", "none")
+#: ``log_layers="auto"`` logs every layer up to this many, aggregates beyond.
+AUTO_ALL_LAYERS = 32
+
+
+class _LogTap:
+    """Per-watcher plugin that keeps the step's norms, on device, on logging steps only.
+
+    Runs first in the act stage (``tryfirst``), so it sees the gradients before any
+    clipping plugin scales them, and reuses the per-tensor norms the core statistics
+    already computed on statistics steps (``GradBatch`` caches them).
+    """
+
+    gradwatch_name = "lightning"
+
+    def __init__(self) -> None:
+        self.wanted = False
+        self.total: torch.Tensor | None = None
+        self.layers: torch.Tensor | None = None
+
+    @hookimpl(tryfirst=True)
+    def gradwatch_act(self, grads: GradBatch) -> None:
+        if self.wanted:
+            self.total = grads.total_norm()
+            self.layers = grads.layer_norms()
+
+
+class GradWatchCallback:
+    """Watch the gradients of a ``LightningModule``: statistics, diagnoses, remedies, logs.
+
+    The Lightning face of :func:`gradwatch.watch`, with the same options, the same core and
+    plugins. Gradient statistics are taken in ``on_before_optimizer_step`` (final,
+    unscaled, accumulated gradients; once per optimizer step). The training loss is
+    recorded on device from ``on_train_batch_end``. Each optimizer gets its own watcher
+    over the parameters it trains (two optimizers, GAN style, are reported separately and
+    logged under ``grad/opt<i>/``).
+
+    Logged through ``pl_module.log_dict(..., rank_zero_only=True)`` under ``grad/``, only
+    on the steps the Trainer writes logs (``log_every_n_steps``): ``norm_total`` and
+    per-layer ``norm/<layer>`` (see ``log_layers``) as on-device tensors of *that* step,
+    read by Lightning when it writes (no extra host sync); ``diagnoses/<kind>`` and
+    ``clips`` as running counts, which change once per report interval (that is when
+    the host reads the statistics).
+
+    Args:
+        report_every: Optimizer steps between host reads of the statistics, diagnoses
+            and reports.
+        stats_every: Optimizer steps between gradient statistics (1 = every step).
+        sample_every: Steps between sampled probes, weight norms and update ratios.
+        clip: ``None``, a max global norm, or a clipping mode (``"autoclip"``,
+            ``"zclip"``, ``"agc"``); conflicts with ``Trainer(gradient_clip_val=...)``.
+        on_nonfinite: ``None``, ``"skip"``, ``"zero"``, ``"warn"`` or ``"raise"``.
+        log: Path of a JSONL run log (written on rank zero).
+        plugins: Extra plugin objects (keep their state in ``ctx.stash``: with several
+            optimizers the same objects serve every watcher).
+        disable: Names of plugins not to load.
+        strict: Re-raise errors from gradwatch and its plugins.
+        autoload: Load third-party plugins from the ``gradwatch`` entry-point group.
+        report: Print console reports (rank zero; above the progress bar).
+        options: Per-plugin options, ``{"vanishing": {"ratio": 1e-3}}``.
+        console: A rich console to print reports to, as is (default: reports are
+            rendered off-screen and printed through the Trainer's progress bar, so a
+            TQDM or rich bar is not garbled).
+        history_size: Rows of per-layer statistics kept on the host.
+        log_metrics: Log to the Trainer's loggers.
+        log_layers: Per-layer norms to log: ``"all"``; an ``int`` k: the k largest
+            layer norms of the step (one small host read of their indices per logging
+            step); ``"aggregate"``: ``norm_min``, ``norm_max``, ``norm_mean`` over
+            layers; ``"none"``; ``"auto"`` (default): all up to 32 layers, aggregates
+            beyond.
+
+    Raises:
+        GradWatchError: For an unknown option (the message lists the known ones) or a
+            bad value, here; for a module without trainable parameters or ``clip=``
+            together with ``Trainer(gradient_clip_val=...)``, at ``setup``.
+
+    Example::
+
+        import gradwatch
+        import pytorch_lightning as pl
+
+        trainer = pl.Trainer(callbacks=[gradwatch.GradWatch()])
+        trainer.fit(model)
+    """
+
+    _lightning_package: str = ""
+
+    def __init__(
+        self,
+        *,
+        report_every: int = 100,
+        stats_every: int = 4,
+        sample_every: int = 20,
+        clip: float | str | Any | None = None,
+        on_nonfinite: str | None = None,
+        log: str | None = None,
+        plugins: Iterable[object] = (),
+        disable: Iterable[str] = (),
+        strict: bool = False,
+        autoload: bool = True,
+        report: bool = True,
+        options: Mapping[str, Mapping[str, Any]] | None = None,
+        console: Console | None = None,
+        history_size: int = 10_000,
+        log_metrics: bool = True,
+        log_layers: str | int = "auto",
+        **unknown: Any,
+    ) -> None:
+        if unknown:
+            known = sorted(_OPTION_NAMES)
+            hints = []
+            for name in unknown:
+                close = difflib.get_close_matches(name, known, 1)
+                hints.append(f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name))
+            raise GradWatchError(f"GradWatch() got unknown option(s) {', '.join(hints)}; known options: {', '.join(known)}")
+        if isinstance(disable, str):
+            raise GradWatchError(f"disable takes a list of plugin names, got the string {disable!r}; use [{disable!r}]")
+        if isinstance(log_layers, bool) or not (
+            log_layers in _LOG_LAYERS or (isinstance(log_layers, int) and log_layers > 0)
+        ):
+            raise GradWatchError(
+                f"log_layers must be one of {', '.join(map(repr, _LOG_LAYERS))} or a positive int k "
+                f"(the k largest layer norms), got {log_layers!r}"
+            )
+        if options is not None and not isinstance(options, Mapping):
+            raise GradWatchError(f"options must map plugin names to dicts, got {type(options).__name__}")
+        self.config = WatchConfig(
+            report_every=report_every,
+            stats_every=stats_every,
+            sample_every=sample_every,
+            clip=clip,
+            on_nonfinite=on_nonfinite,
+            log=None if log is None else str(log),
+            plugins=tuple(plugins),
+            disable=tuple(disable),
+            strict=strict,
+            autoload=autoload,
+            report=report,
+            options={k: dict(v) for k, v in (options or {}).items()},
+        )
+        _check_plugins(self.config)
+        self.history_size = history_size
+        self.log_metrics = log_metrics
+        self.log_layers = log_layers
+        self._user_console = console
+        self.watchers: list[Watcher] = []
+        self._taps: list[_LogTap] = []
+        self._buffers: list[io.StringIO] = []
+        self._labels: list[str] = []
+        self._by_optimizer: dict[int, int] = {}
+        self._taken: list[int] = []
+        self._pending: Mapping[str, Any] | None = None
+        self._progress_bar: Any = None
+        self._stepped = False
+        self._loss: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ results
+
+    @property
+    def diagnoses(self) -> list[Diagnosis]:
+        """Every diagnosis so far, of every optimizer's watcher, oldest first."""
+        return sorted((d for w in self.watchers for d in w.diagnoses), key=lambda d: d.step)
+
+    @property
+    def state_key(self) -> str:
+        return STATE_KEY
+
+    # ------------------------------------------------------------------ Lightning hooks
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Refuse misuse before any training step (fit only; other stages compute no gradients)."""
+        if stage != "fit":
+            return
+        if not any(p.requires_grad for p in pl_module.parameters()):
+            raise GradWatchError(
+                f"GradWatch: {type(pl_module).__name__} has no trainable parameters (none with requires_grad=True); "
+                "there are no gradients to watch: unfreeze a layer or remove the GradWatch callback"
+            )
+        clip_val = getattr(trainer, "gradient_clip_val", None)
+        if self.config.clip is not None and clip_val:
+            raise GradWatchError(
+                f"GradWatch(clip={self.config.clip!r}) conflicts with Trainer(gradient_clip_val={clip_val}): "
+                "both would clip the same gradients; remove one"
+            )
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        """Build one watcher per optimizer (the optimizers exist only now) and attach."""
+        previous = [w.state_dict() for w in self.watchers] if self.watchers and trainer.global_step > 0 else None
+        self._detach_all(report=False)
+        self._reset()
+        optimizers = [getattr(o, "_optimizer", o) for o in trainer.optimizers]
+        self._progress_bar = getattr(trainer, "progress_bar_callback", None)
+        self._build(pl_module, optimizers)
+        state = self._pending
+        self._pending = None
+        if state is None and previous is not None:
+            # Trainer.fit called again on a trainer that continues (global_step > 0):
+            # continue the step count and history instead of starting over.
+            state = {"version": 1, "watchers": previous}
+        if state is not None:
+            self._load(state)
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        """The step boundary: gradients are final, unscaled and not yet clipped."""
+        if not self.watchers:
+            return
+        index = self._by_optimizer.get(id(getattr(optimizer, "_optimizer", optimizer)), 0 if len(self.watchers) == 1 else None)
+        if index is None:
+            return
+        watcher, tap = self.watchers[index], self._taps[index]
+        tap.wanted = self.log_metrics and trainer.is_global_zero and bool(trainer.loggers) and _logs_now(trainer)
+        tap.total = tap.layers = None
+        watcher.step()
+        self._taken[index] += 1
+        self._stepped = True
+        self._flush(index)
+        if tap.total is not None:
+            tap.wanted = False
+            try:
+                metrics = self._metrics(index)
+                pl_module.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, logger=True, rank_zero_only=True)
+            except Exception as exc:
+                # Logging is a report: a failure turns it off, training goes on.
+                if self.config.strict:
+                    raise
+                self.log_metrics = False
+                warnings.warn(
+                    f"gradwatch stopped logging to the Trainer's loggers ({type(exc).__name__}: {exc}); "
+                    "training goes on; pass strict=True to see the traceback",
+                    GradWatchWarning,
+                    stacklevel=2,
+                )
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Record the training loss of each optimizer step, on device (no sync): under
+        gradient accumulation, the sum of the micro-batches' losses, which Lightning has
+        already divided by ``accumulate_grad_batches`` (their mean)."""
+        if not self.watchers:
+            return
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            loss = loss.detach().reshape(())
+            self._loss = loss if self._loss is None else self._loss + loss
+        if self._stepped:
+            self._stepped = False
+            if self._loss is not None:
+                self.watchers[0].observe_loss(self._loss)
+            self._loss = None
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Final report and hook removal; the watchers stay readable (``diagnoses``, ``state_dict``)."""
+        if stage == "fit":
+            self._detach_all(report=True)
+            self._progress_bar = None
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        """Remove every hook; report what was seen before the failure (never masks it)."""
+        try:
+            self._detach_all(report=True)
+        except Exception as exc:  # the user's exception is the one that matters
+            warnings.warn(f"gradwatch could not give its final report ({exc!r})", GradWatchWarning, stacklevel=2)
+        self._progress_bar = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Step count, history, diagnoses, actions and plugin state (clip history) of every
+        watcher. Drains the statistics of the open interval first, so that the checkpoint
+        holds everything seen up to now."""
+        if not self.watchers:
+            return dict(self._pending) if self._pending is not None else {}
+        states = []
+        for i, watcher in enumerate(self.watchers):
+            if watcher.attached:
+                watcher.report()
+                self._flush(i)
+            state = watcher.state_dict()
+            # The open step (gradients read, update done) counts as taken: a resumed
+            # run's next step is the next one.
+            state["step"] = self._taken[i]
+            states.append(state)
+        return {"version": 1, "watchers": states}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a checkpoint's state; applied when the watchers are built (``on_fit_start``)."""
+        if not state_dict:
+            return
+        if state_dict.get("version") != 1:
+            raise GradWatchError(f"unknown GradWatch checkpoint state version {state_dict.get('version')!r}; expected 1")
+        if self.watchers and any(w.attached for w in self.watchers):
+            self._load(state_dict)  # strategies that restore after setup
+        else:
+            self._pending = state_dict
+
+    def __getstate__(self) -> dict[str, Any]:
+        # ddp_spawn pickles the Trainer with its callbacks: consoles, plugin managers,
+        # hook handles and the progress bar stay behind; each process builds its own.
+        state = self.__dict__.copy()
+        state.update(
+            watchers=[], _taps=[], _buffers=[], _labels=[], _by_optimizer={}, _taken=[], _progress_bar=None, _user_console=None,
+            _loss=None,
+        )
+        return state
+
+    # ------------------------------------------------------------------ internals
+
+    def _build(self, pl_module: nn.Module, optimizers: list[torch.optim.Optimizer]) -> None:
+        trainable = {id(p) for p in pl_module.parameters() if p.requires_grad}
+        shares: list[list[nn.Parameter] | None] = []
+        if len(optimizers) <= 1:
+            shares.append(None)
+        else:
+            for optimizer in optimizers:
+                shares.append([p for g in optimizer.param_groups for p in g["params"] if id(p) in trainable])
+        for i, params in enumerate(shares):
+            tap = _LogTap()
+            buffer = io.StringIO()
+            config = _replace_plugins(self.config, (*self.config.plugins, tap))
+            watcher = Watcher(
+                pl_module,
+                None,
+                config=config,
+                console=self._user_console if self._user_console is not None else _capture_console(buffer),
+                history_size=self.history_size,
+                params=params,
+            )
+            watcher.attach()
+            self.watchers.append(watcher)
+            self._taps.append(tap)
+            self._buffers.append(buffer)
+            self._taken.append(0)
+            self._labels.append(f"opt{i}" if len(shares) > 1 else "")
+        self._by_optimizer = {id(o): i for i, o in enumerate(optimizers)} if len(optimizers) > 1 else {}
+
+    def _reset(self) -> None:
+        self.watchers, self._taps, self._buffers, self._labels, self._taken = [], [], [], [], []
+        self._by_optimizer = {}
+        self._stepped = False
+        self._loss = None
+
+    def _load(self, state: Mapping[str, Any]) -> None:
+        states = state.get("watchers", [])
+        if len(states) != len(self.watchers):
+            warnings.warn(
+                f"the checkpoint holds gradwatch state for {len(states)} optimizer(s) but this run has "
+                f"{len(self.watchers)}; gradwatch starts over at step 0",
+                GradWatchWarning,
+                stacklevel=2,
+            )
+            return
+        for i, (watcher, saved) in enumerate(zip(self.watchers, states)):
+            watcher.load_state_dict(saved)
+            self._taken[i] = watcher.step_count
+
+    def _detach_all(self, *, report: bool) -> None:
+        for i, watcher in enumerate(self.watchers):
+            watcher.detach(report=report)
+            # The Trainer has closed its progress bars by now (TQDM drops text then).
+            self._flush(i, live=False)
+
+    def _flush(self, index: int, *, live: bool = True) -> None:
+        """Print what a watcher rendered since the last flush, through the progress bar
+        while it is ``live``."""
+        if index >= len(self._buffers):
+            return
+        buffer = self._buffers[index]
+        if not buffer.tell():
+            return
+        text = buffer.getvalue().rstrip("\n")
+        buffer.seek(0)
+        buffer.truncate()
+        label = self._labels[index]
+        if label:
+            text = f"gradwatch · optimizer {label[3:]}\n{text}"
+        bar = self._progress_bar
+        if live and bar is not None and getattr(bar, "is_enabled", False) and type(bar).__name__ != "RichProgressBar":
+            # TQDM: tqdm.write clears the bars, prints above them and redraws them.
+            bar.print(text)
+        else:
+            # Rich's global console prints above a live display (RichProgressBar).
+            from rich import get_console
+            from rich.text import Text
+
+            get_console().print(Text.from_ansi(text), soft_wrap=True)
+
+    def _metrics(self, index: int) -> dict[str, Any]:
+        watcher, tap = self.watchers[index], self._taps[index]
+        prefix = f"grad/{self._labels[index]}/" if self._labels[index] else "grad/"
+        assert tap.total is not None and tap.layers is not None
+        metrics: dict[str, Any] = {f"{prefix}norm_total": tap.total}
+        names = watcher.model_info.names
+        mode = self.log_layers
+        if mode == "auto":
+            mode = "all" if len(names) <= AUTO_ALL_LAYERS else "aggregate"
+        if mode == "all":
+            metrics.update({f"{prefix}norm/{_key(n)}": v for n, v in zip(names, tap.layers.unbind())})
+        elif isinstance(mode, int):
+            # The one host read of a logging step: which layers are the k largest.
+            top = torch.topk(tap.layers, min(mode, len(names))).indices.tolist()
+            metrics.update({f"{prefix}norm/{_key(names[k])}": tap.layers[k] for k in top})
+        elif mode == "aggregate":
+            lo, hi = torch.aminmax(tap.layers)
+            metrics.update({f"{prefix}norm_min": lo, f"{prefix}norm_max": hi, f"{prefix}norm_mean": tap.layers.mean()})
+        counts: dict[str, int] = {}
+        for d in watcher.diagnoses:
+            counts[d.kind] = counts.get(d.kind, 0) + 1
+        metrics.update({f"{prefix}diagnoses/{kind}": float(n) for kind, n in sorted(counts.items())})
+        metrics[f"{prefix}clips"] = float(sum(1 for a in watcher.actions if a.kind == "clip"))
+        tap.total = tap.layers = None
+        return metrics
+
+
+_OPTION_NAMES = frozenset(GradWatchCallback.__init__.__code__.co_varnames[1 : GradWatchCallback.__init__.__code__.co_kwonlyargcount + 1])
+
+
+def _key(name: str) -> str:
+    return name or "(root)"
+
+
+def _logs_now(trainer: Any) -> bool:
+    """Whether the Trainer writes its loggers at the end of this batch (its own rule,
+    ``_LoggerConnector.should_update_logs``, read before the step increments)."""
+    if getattr(trainer, "fast_dev_run", False):
+        return True
+    every = getattr(trainer, "log_every_n_steps", 50)
+    if not every:
+        return False
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    done = getattr(loop, "_batches_that_stepped", None)
+    if done is None:  # a Lightning without that counter: the optimizer step count is close
+        done = trainer.global_step
+    return (done + 1) % every == 0 or bool(getattr(trainer, "should_stop", False))
+
+
+def _capture_console(buffer: io.StringIO) -> Console:
+    """A console that renders into ``buffer`` with the terminal's width and colours."""
+    from rich import get_console
+    from rich.console import Console
+
+    screen = get_console()
+    return Console(
+        file=buffer,
+        width=screen.width,
+        color_system=screen.color_system if screen.is_terminal else None,
+        force_terminal=screen.is_terminal,
+        highlight=False,
+    )
+
+
+def _replace_plugins(config: WatchConfig, plugins: tuple[object, ...]) -> WatchConfig:
+    import dataclasses
+
+    return dataclasses.replace(config, plugins=plugins)
+
+
+def _check_plugins(config: WatchConfig) -> None:
+    """Resolve the plugin set once, now, so a bad ``disable`` name, a misspelled hook or an
+    option for an unknown plugin fails at construction, not at ``setup``."""
+    from gradwatch.manager import make_plugin_manager
+
+    pm = make_plugin_manager(plugins=config.plugins, disable=config.disable, autoload=config.autoload)
+    names = {name for name, _ in pm.list_name_plugin()} | set(config.disable)
+    unknown = sorted(set(config.options) - names)
+    if unknown:
+        raise GradWatchError(
+            f"options given for unknown plugin(s) {', '.join(map(repr, unknown))}; loaded plugins: {', '.join(sorted(names))}"
+        )
+
+
+# ---------------------------------------------------------------------- the classes
+
+
+_CLASSES: dict[str, type] = {}
+
+
+def callback_class(package: str = "pytorch_lightning", name: str = "GradWatch") -> type:
+    """The GradWatch callback class for one Lightning package, built once.
+
+    Args:
+        package: ``"pytorch_lightning"`` or ``"lightning.pytorch"``.
+        name: The class name (the module attribute it is reachable as, for pickling).
+
+    Raises:
+        GradWatchError: For another package name.
+        ImportError: When that package is not installed.
+    """
+    if package not in _PACKAGES:
+        raise GradWatchError(f"package must be one of {', '.join(map(repr, _PACKAGES))}, got {package!r}")
+    cls = _CLASSES.get(name)
+    if cls is None:
+        base = importlib.import_module(package).Callback
+        cls = type(
+            name,
+            (GradWatchCallback, base),
+            {"__module__": __name__, "__qualname__": name, "__doc__": GradWatchCallback.__doc__, "_lightning_package": package},
+        )
+        _CLASSES[name] = cls
+    elif cls._lightning_package != package:  # type: ignore[attr-defined]
+        raise GradWatchError(f"{name} is already built for {cls._lightning_package}")  # type: ignore[attr-defined]
+    return cls
+
+
+def _primary_package() -> str:
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("pytorch_lightning") is not None
+    except ValueError:
+        found = False
+    return "pytorch_lightning" if found else "lightning.pytorch"
+
+
+def __getattr__(name: str) -> Any:
+    # Resolved lazily: importing gradwatch (or this module) imports no Lightning package.
+    if name == "GradWatch":
+        return callback_class(_primary_package(), "GradWatch")
+    if name == "LightningGradWatch":
+        return callback_class("lightning.pytorch", "LightningGradWatch")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if TYPE_CHECKING:
+    GradWatch = GradWatchCallback
+    LightningGradWatch = GradWatchCallback
