@@ -1,4 +1,10 @@
-"""The ``gradwatch`` command line."""
+"""The ``gradwatch`` command line.
+
+``gradwatch report RUN.jsonl`` reprints the final console report from a run log,
+``gradwatch plot RUN.jsonl -o flow.png`` draws the gradient-flow heatmap and the total-norm
+timeline, ``gradwatch plugins`` lists the plugins a watch loads. A run log that cannot be
+read gives a one-line error naming the file and line, and exit code 2.
+"""
 
 from __future__ import annotations
 
@@ -30,6 +36,64 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read(path: str):  # -> RunLog
+    from gradwatch.plugins.runlog import read_log
+
+    log = read_log(path)
+    return log
+
+
+def _warn_cut(log) -> None:  # noqa: ANN001 - RunLog, imported lazily
+    if log.cut_line is not None:
+        print(
+            f"gradwatch: warning: {log.path}:{log.cut_line}: the last line was cut mid-write (the run stopped while "
+            f"writing it); showing the {log.cut_line - 1} whole lines before it",
+            file=sys.stderr,
+        )
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    """Reprint the console report of a run from its log."""
+    from rich.console import Console
+
+    from gradwatch.plugins.console import render_report
+
+    log = _read(args.log)
+    console = Console(width=args.width) if args.width else Console()
+    options = {"compact": args.compact, "show_all": args.all}
+    if log.end is None:
+        console.print(f"[yellow]the run did not finish (no end record); the report covers steps up to {log.last_step}[/]")
+    render_report(
+        console,
+        rows=log.summary(),
+        diagnoses=log.diagnoses,
+        actions=log.actions,
+        step=log.last_step,
+        final=log.end is not None,
+        options=options,
+    )
+    _warn_cut(log)
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    """Draw the gradient-flow heatmap and the total-norm timeline of a run."""
+    from gradwatch.plot import MissingMatplotlib, plot_run
+
+    log = _read(args.log)
+    try:
+        path = plot_run(log, args.output, dpi=args.dpi, title=args.title)
+    except MissingMatplotlib as exc:
+        print(f"gradwatch: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # an output path that cannot be written
+        print(f"gradwatch: error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    _warn_cut(log)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from gradwatch import __version__
 
@@ -39,6 +103,28 @@ def build_parser() -> argparse.ArgumentParser:
     plugins = sub.add_parser("plugins", help="list the plugins a watch loads and the hooks they implement")
     plugins.add_argument("--no-autoload", action="store_true", help="leave out third-party entry-point plugins")
     plugins.set_defaults(func=_cmd_plugins)
+    report = sub.add_parser(
+        "report",
+        help="reprint the console report of a run from its JSONL log",
+        description="Reprint the final console report (gradient-flow table, diagnoses, remedies) from a run log "
+        "written with log='RUN.jsonl'.",
+    )
+    report.add_argument("log", metavar="RUN.jsonl", help="the run log")
+    report.add_argument("--all", action="store_true", help="one row per layer, never collapse runs of alike layers")
+    report.add_argument("--compact", action="store_true", help="narrow table, one line per diagnosis")
+    report.add_argument("--width", type=int, default=None, help="console width in columns (default: the terminal's)")
+    report.set_defaults(func=_cmd_report)
+    plot = sub.add_parser(
+        "plot",
+        help="draw per-layer gradient norms over steps and the total-norm timeline (needs matplotlib)",
+        description="Draw a heatmap of each layer's gradient norm (log scale) over steps, with diagnoses marked, "
+        "above a timeline of the total gradient norm with clip events. Needs matplotlib: pip install gradwatch[plot].",
+    )
+    plot.add_argument("log", metavar="RUN.jsonl", help="the run log")
+    plot.add_argument("-o", "--output", default="flow.png", help="image file to write; the suffix picks the format (default: flow.png)")
+    plot.add_argument("--dpi", type=int, default=100, help="dots per inch; the figure is 12 x 8 inches (default: 100)")
+    plot.add_argument("--title", default=None, help="figure title (default: the log's file name)")
+    plot.set_defaults(func=_cmd_plot)
     return parser
 
 
@@ -48,7 +134,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args))
+    from gradwatch.types import GradWatchError
+
+    try:
+        return int(args.func(args))
+    except GradWatchError as exc:  # a run log that cannot be read: one line, never a traceback
+        print(f"gradwatch: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover
