@@ -1,0 +1,299 @@
+"""Non-finite detector: the step and the first module whose output or gradient became NaN/Inf.
+
+A NaN at step ``k`` poisons every weight after step ``k``, so the module that produced it
+can only be named from the forward pass of step ``k`` itself. How, at a cost far below
+``torch.autograd.detect_anomaly`` (``benchmarks/detectors.py`` measures both):
+
+* **Outputs, every step (default).** A forward hook on every module keeps a reference to
+  its floating-point output(s): no kernel, a list append. When the root module's forward
+  returns, one ``torch._foreach_norm(outputs, 2, dtype=float32)`` launch reads them all
+  (outputs are still alive for backward, so nothing is kept longer); an output holds
+  NaN/Inf exactly when its norm is not finite. The position of the first bad output in
+  completion order (a module completes after its children, so this is the module that
+  produced the value) goes into a device tensor, stamped with the step at the optimizer
+  step (``gradwatch_act``). No host sync: the host reads it once per report interval.
+  With ``outputs="sampled"`` the hooks run on sampled steps only (nearly free, but a
+  NaN between sampled steps is then seen in the gradients only, without its module).
+* **Gradients.** ``window.nonfinite`` (per-layer count of non-finite gradient tensors, on
+  statistics steps) gives a gradient that became non-finite while every output was
+  finite (a NaN from a custom backward, or from the loss): ``where="gradient"``, step
+  exact to ``stats_every`` steps, layer = the one nearest the output whose gradient is
+  non-finite (backward enters the NaN there and carries it toward the input).
+* Steps that ``GradScaler`` skipped (``window.amp_skips``) are loss-scale overflows, not
+  errors, and are ignored.
+
+On accelerators the check is a float64 foreach L2 norm (it cannot overflow); on CPU, where
+torch's float64 and inf foreach norms are slow, it is max|x| from per-tensor ``aminmax``
+(exact, NaN-propagating, one vectorised pass). Either way no Python branch on a value.
+Limitation: an in-place operation that poisons an earlier module's output tensor is blamed on that
+earlier module.
+
+Options (``options={"nonfinite": {...}}``):
+
+* ``outputs`` (``"every_step"`` | ``"sampled"`` | ``"off"``, default ``"every_step"``).
+
+A condition is reported once; after it, the detector re-arms only when a whole report
+interval is finite again (training recovered, e.g. with ``on_nonfinite="skip"``).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradwatch import (
+    Diagnosis,
+    GradBatch,
+    GradWatchError,
+    ModelInfo,
+    Severity,
+    StashKey,
+    StatsWindow,
+    StepContext,
+    WatchConfig,
+    hookimpl,
+)
+
+_MODES = ("every_step", "sampled", "off")
+_MIN = operator.itemgetter(0)
+_MAX = operator.itemgetter(1)
+_OPTIONS = {"outputs"}
+
+
+@dataclass
+class _State:
+    mode: str
+    names: list[str] = field(default_factory=list)
+    types: list[str] = field(default_factory=list)
+    outs: list[torch.Tensor] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
+    id_cache: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)
+    # pending [module, value] of this step's forwards; first [step, module, value]; -1 = none.
+    pending: torch.Tensor | None = None
+    first: torch.Tensor | None = None
+    armed: bool = True
+    reported: Diagnosis | None = None
+
+
+KEY = StashKey[_State]()
+
+
+def _floats(out: Any) -> list[torch.Tensor]:
+    """The floating-point tensors of a module's output (tensor, tuple, list or dict)."""
+    if isinstance(out, torch.Tensor):
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, (tuple, list)):
+        return [t for item in out for t in _floats(item)]
+    if isinstance(out, dict):
+        return [t for item in out.values() for t in _floats(item)]
+    return []
+
+
+@hookimpl
+def gradwatch_configure(config: WatchConfig, ctx: StepContext) -> None:
+    opts = config.plugin_options("nonfinite")
+    unknown = set(opts) - _OPTIONS
+    if unknown:
+        raise GradWatchError(f"unknown nonfinite option(s) {sorted(unknown)}; known: {sorted(_OPTIONS)}")
+    mode = opts.get("outputs", "every_step")
+    if mode not in _MODES:
+        raise GradWatchError(f"nonfinite option outputs={mode!r} is not one of {_MODES}; use 'every_step' (exact) or 'sampled' (cheaper)")
+    ctx.stash[KEY] = _State(mode=mode)
+
+
+@hookimpl
+def gradwatch_attach(model: ModelInfo, ctx: StepContext) -> None:
+    state = ctx.stash[KEY]
+    if state.mode == "off":
+        return
+    root = model.model
+    device = next(iter(root.parameters())).device
+    state.pending = torch.tensor([-1.0, 0.0], dtype=torch.float64, device=device)
+    state.first = torch.tensor([-1.0, -1.0, 0.0], dtype=torch.float64, device=device)
+    sampled = state.mode == "sampled"
+    outs, ids = state.outs, state.ids
+    for index, (name, module) in enumerate(root.named_modules()):
+        state.names.append(name)
+        state.types.append(type(module).__name__)
+        if module is root:
+            # A forward that raised left its outputs behind: read them before the new one.
+            ctx.probes.forward_pre_hook(root, lambda m, a: _flush(state), sampled=sampled)
+            ctx.probes.forward_hook(root, _root_hook(state, index), sampled=sampled)
+        else:
+            ctx.probes.forward_hook(module, _module_hook(outs, ids, index), sampled=sampled)
+
+
+def _module_hook(outs: list[torch.Tensor], ids: list[int], index: int) -> Any:
+    append_out, append_id = outs.append, ids.append
+
+    def hook(module: nn.Module, args: Any, out: Any) -> None:
+        # Hot path: a reference, no kernel; eval forwards (no grad) are not training steps.
+        if torch.is_grad_enabled():
+            if type(out) is torch.Tensor:
+                if out.is_floating_point():
+                    append_out(out)
+                    append_id(index)
+            else:
+                for t in _floats(out):
+                    append_out(t)
+                    append_id(index)
+
+    return hook
+
+
+def _root_hook(state: _State, index: int) -> Any:
+    def hook(module: nn.Module, args: Any, out: Any) -> None:
+        if torch.is_grad_enabled():
+            for t in _floats(out):
+                state.outs.append(t)
+                state.ids.append(index)
+            _flush(state)
+
+    return hook
+
+
+def _norms(outs: list[torch.Tensor]) -> torch.Tensor:
+    """Per output, a value that is non-finite exactly when the output holds NaN/Inf
+    (NaN for a NaN, Inf for an Inf); device work only, no host read."""
+    if outs[0].device.type != "cpu" or min(map(torch.Tensor.numel, outs)) == 0:
+        # float64 accumulation cannot overflow for float32/16 entries; on an accelerator
+        # it costs the same memory pass as float32, and nothing is read on the host.
+        return torch.stack(torch._foreach_norm(outs, 2.0, dtype=torch.float64))
+    # On CPU the float64 and inf foreach norms take a slow path in torch 2.13 (~20x), and a
+    # float32 L2 norm overflows past ~1e19. max|x| from per-tensor aminmax (mapped in C) is
+    # exact, propagates NaN, and costs one vectorised pass.
+    pairs = list(map(torch.aminmax, outs))
+    return torch.maximum(torch.stack(list(map(_MAX, pairs))).double(), torch.stack(list(map(_MIN, pairs))).double().neg())
+
+
+@torch.no_grad()
+def _flush(state: _State) -> None:
+    """One foreach launch over the outputs seen since the last flush; device work only."""
+    outs, ids = state.outs, state.ids
+    if not outs or state.pending is None:
+        return
+    pending = state.pending
+    try:
+        norms = _norms(outs).to(pending.device)
+    except RuntimeError:  # outputs on several devices (model parallel): one launch per tensor
+        norms = torch.stack([_norms([t]).to(pending.device)[0] for t in outs])
+    key = tuple(ids)
+    table = state.id_cache.get(key)
+    if table is None:
+        # Cached per call pattern: a host list becomes a device tensor once, not every step.
+        table = state.id_cache[key] = torch.tensor(ids, dtype=torch.float64, device=pending.device)
+    outs.clear()
+    ids.clear()
+    n = norms.numel()
+    bad = ~torch.isfinite(norms)
+    pos = torch.where(bad, torch.arange(n, device=norms.device), n).amin().clamp_max(n - 1)
+    hit = bad.any() & (pending[0] < 0)
+    pending.copy_(torch.where(hit, torch.stack((table[pos], norms[pos].double())), pending))
+
+
+@hookimpl
+def gradwatch_act(grads: GradBatch, ctx: StepContext) -> None:
+    state = ctx.stash[KEY]
+    if state.first is None or state.pending is None:
+        return
+    with torch.no_grad():
+        _flush(state)  # forwards outside the root module (a head called on its own)
+        first, pending = state.first, state.pending
+        new = (first[0] < 0) & (pending[0] >= 0)
+        first.copy_(torch.where(new, torch.cat((pending.new_full((1,), float(ctx.step)), pending)), first))
+        pending[0] = -1.0
+
+
+@hookimpl
+def gradwatch_diagnose(window: StatsWindow, model: ModelInfo, ctx: StepContext) -> list[Diagnosis] | None:
+    state = ctx.stash[KEY]
+    skips = set(window.amp_skips)
+    out_step = out_module = -1
+    value = 0.0
+    if state.first is not None:
+        out_step, out_module, value = state.first.tolist()
+        out_step, out_module = int(out_step), int(out_module)
+    grad_step, grad_layer, grad_layers = _first_bad_gradient(window, skips)
+    if not state.armed:
+        if out_step < 0 and grad_step < 0 and len(window):
+            state.armed = True  # a whole interval finite again: a new occurrence is news
+        return None
+    if out_step >= 0 and (grad_step < 0 or out_step <= grad_step):
+        name, module_type = state.names[out_module], state.types[out_module]
+        what = "NaN" if math.isnan(value) else "Inf"
+        diagnosis = Diagnosis(
+            kind="nonfinite",
+            severity=Severity.ERROR,
+            step=out_step,
+            layers=(name,),
+            message=(
+                f"the output of {name or '(root)'} ({module_type}) became {what} at step {out_step}, "
+                "the first module in forward order to produce a non-finite value"
+            ),
+            evidence={"first_step": out_step, "where": "output", "module_type": module_type, "value": what.lower()},
+            source="nonfinite",
+        )
+    elif grad_step >= 0:
+        name = window.layers[grad_layer]
+        module_type = model.layer(name).type_name if name in model.names else ""
+        diagnosis = Diagnosis(
+            kind="nonfinite",
+            severity=Severity.ERROR,
+            step=grad_step,
+            layers=(name,),
+            message=(
+                f"the gradient of {name or '(root)'} ({module_type}) became non-finite by step {grad_step} while "
+                f"every module output was finite (seen on statistics steps, every {ctx.config.stats_every} steps)"
+            ),
+            evidence={
+                "first_step": grad_step,
+                "where": "gradient",
+                "module_type": module_type,
+                "resolution_steps": ctx.config.stats_every,
+                "layers_nonfinite": grad_layers,
+                "outputs_checked": state.mode,
+            },
+            source="nonfinite",
+        )
+    else:
+        return None
+    state.armed = False
+    state.reported = diagnosis
+    if state.first is not None:
+        state.first.copy_(torch.tensor([-1.0, -1.0, 0.0], dtype=torch.float64))
+    return [diagnosis]
+
+
+def _first_bad_gradient(window: StatsWindow, skips: set[int]) -> tuple[int, int, list[str]]:
+    """(step, layer column, names) of the first statistics step with a non-finite
+    gradient; the column is the layer nearest the output among the bad ones."""
+    if not len(window):
+        return -1, -1, []
+    rows = (window.nonfinite > 0).any(1)
+    for row in torch.nonzero(rows).flatten().tolist():
+        step = int(window.steps[row])
+        if step in skips:
+            continue
+        cols = torch.nonzero(window.nonfinite[row] > 0).flatten().tolist()
+        return step, cols[-1], [window.layers[c] for c in cols]
+    return -1, -1, []
+
+
+@hookimpl
+def gradwatch_state_dict(ctx: StepContext) -> dict[str, Any] | None:
+    state = ctx.stash[KEY]
+    return {"nonfinite": {"armed": state.armed, "reported": state.reported.to_dict() if state.reported else None}}
+
+
+@hookimpl
+def gradwatch_load_state_dict(state: dict[str, Any], ctx: StepContext) -> None:
+    mine = state.get("nonfinite")
+    if mine:
+        own = ctx.stash[KEY]
+        own.armed = bool(mine["armed"])
+        own.reported = Diagnosis.from_dict(mine["reported"]) if mine.get("reported") else None
