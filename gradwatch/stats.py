@@ -10,6 +10,7 @@ single device-to-host copy.
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from collections.abc import Sequence
@@ -27,6 +28,9 @@ __all__ = ["GradBatch", "History", "Plan", "StatsRing", "CORE_STATS"]
 CORE_STATS = ("grad_norm", "grad_rms", "grad_max", "nonfinite", "present")
 
 _GRAD = operator.attrgetter("grad")
+# Identity, mapped in C: ``None in grads`` would call Tensor.__eq__(None) on every gradient
+# (about 12 us each, 5 ms a step for 400 tensors).
+_IS_NONE = functools.partial(operator.is_, None)
 _MIN = operator.itemgetter(0)
 _MAX = operator.itemgetter(1)
 _F32 = torch.float32
@@ -118,7 +122,7 @@ class Plan:
         groups: list[tuple[_Group, list[torch.Tensor]]] = []
         for group in self.groups:
             grads = list(map(_GRAD, group.params))
-            if None in grads:
+            if any(map(_IS_NONE, grads)):
                 # Unused parameters this step: watch the present ones. Builds (once per
                 # pattern) an index of the present gradients; a Python pass over the
                 # gradient list only on steps where some are missing.

@@ -1,6 +1,13 @@
 import os
 
-import pytest
+# Tiny models train fastest on one thread, and 2-process tests must not oversubscribe a
+# 2-core machine; subprocesses inherit this.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 pytest_plugins = ["gradwatch.testing"]
 
@@ -9,8 +16,6 @@ os.environ.setdefault("GRADWATCH_DISABLE_PLUGIN_AUTOLOAD", "1")
 
 
 def pytest_collection_modifyitems(config, items):
-    import torch
-
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
