@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from gradwatch.clip import AGC, AutoClip, ClipNorm, ZClip
 from gradwatch.hookspecs import hookimpl, hookspec
 from gradwatch.stash import Stash, StashKey
 from gradwatch.stats import GradBatch
@@ -32,6 +33,10 @@ if TYPE_CHECKING:
     from gradwatch.lightning import GradWatch
 
 __all__ = [
+    "AGC",
+    "AutoClip",
+    "ClipNorm",
+    "ZClip",
     "Action",
     "Diagnosis",
     "GradBatch",
