@@ -43,13 +43,20 @@ def _read(path: str):  # -> RunLog
     return log
 
 
-def _warn_cut(log) -> None:  # noqa: ANN001 - RunLog, imported lazily
-    if log.cut_line is not None:
-        print(
-            f"gradwatch: warning: {log.path}:{log.cut_line}: the last line was cut mid-write (the run stopped while "
-            f"writing it); showing the {log.cut_line - 1} whole lines before it",
-            file=sys.stderr,
-        )
+def _cut(log) -> int:  # noqa: ANN001 - RunLog, imported lazily
+    """Say that the last line was cut (the run crashed mid-write), after showing what is whole.
+
+    Exit code 2 like every damaged log, though the whole lines were used: scripts must not
+    take a crashed run's log for a complete one.
+    """
+    if log.cut_line is None:
+        return 0
+    print(
+        f"gradwatch: error: {log.path}:{log.cut_line}: the last line was cut mid-write (the run stopped while "
+        f"writing it); the output above uses the {log.cut_line - 1} whole lines before it",
+        file=sys.stderr,
+    )
+    return 2
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -72,8 +79,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         final=log.end is not None,
         options=options,
     )
-    _warn_cut(log)
-    return 0
+    return _cut(log)
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
@@ -90,8 +96,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
         print(f"gradwatch: error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     print(f"wrote {path}")
-    _warn_cut(log)
-    return 0
+    return _cut(log)
 
 
 def build_parser() -> argparse.ArgumentParser:
