@@ -263,3 +263,41 @@ def test_hook_gradwatch_diagnose_huge_finite_outputs_are_not_nonfinite():
             opt.step()
             opt.zero_grad()
     assert _nonfinite(gw) == []
+
+
+def _many_modules(at: int) -> nn.Sequential:
+    """150 Linear/ReLU modules (over the 128 of "auto"), a NaNAt named "61" in the middle."""
+    torch.manual_seed(0)
+    mods: list[nn.Module] = []
+    for _ in range(75):
+        mods += [nn.Linear(16, 16), nn.ReLU()]
+    mods.insert(61, NaNAt(at))
+    mods[0] = nn.Linear(16, 16)
+    mods.append(nn.Linear(16, 1))
+    return nn.Sequential(*mods)
+
+
+@pytest.mark.parametrize("at,located", [(7, False), (8, True)])
+def test_auto_mode_on_a_large_model_gives_the_exact_step_and_the_module_on_sampled_steps(at, located):
+    model = _many_modules(at)
+    assert sum(1 for _ in model.modules()) > 128
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with _watch(model, opt, report_every=16, stats_every=4, sample_every=4) as gw:
+        train(model, 12, optimizer=opt, watcher=gw)
+        per_step_hooks = sum(len(m._forward_hooks) for m in model.modules())
+    (d,) = _nonfinite(gw)
+    assert d.step == at and d.evidence["where"] == "output"
+    if located:
+        assert d.layers == ("61",)
+    else:
+        assert d.layers == () and d.evidence["located"] is False and '"every_step"' in d.message
+    assert per_step_hooks <= 2  # between sampled steps only the root is hooked
+
+
+def test_every_step_option_names_the_module_on_a_large_model():
+    model = _many_modules(7)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with _watch(model, opt, report_every=16, options={"nonfinite": {"outputs": "every_step"}}) as gw:
+        train(model, 12, optimizer=opt, watcher=gw)
+    (d,) = _nonfinite(gw)
+    assert (d.step, d.layers) == (7, ("61",))
