@@ -5,7 +5,7 @@
    model (the first interval includes the one-off torch.fx trace).
 2. The sampled forward probe of ``recurrent`` (sequence length from the input's shape):
    time of a training step with the probe installed against without, in one run, and
-   the amortised overhead at the default ``sample_every=20``.
+   the amortised overhead at the default ``sample_every`` (read from WatchConfig).
 
 Run: ``.venv/bin/python benchmarks/bench_recurrent_init_advisor.py`` (CPU, 1 thread).
 """
@@ -26,6 +26,7 @@ from gradwatch.testing import relu_mlp, sequence_batches, sigmoid_mlp, vanilla_r
 
 torch.set_num_threads(1)
 PLUGINS = ("recurrent", "init", "advisor")
+SAMPLE_EVERY = gradwatch.WatchConfig().sample_every
 
 
 def host_cost(name, model, batches, steps=61, report_every=20):
@@ -80,7 +81,7 @@ def probe_overhead(reps=150):
     s, p = statistics.median(sampled[5:]), statistics.median(plain[5:])
     print(f"recurrent probe: {per_call * 1e6:.2f} µs per call (one call per RNN module per sampled forward)")
     print(f"recurrent probe: sampled step {s * 1e3:.2f} ms vs unsampled {p * 1e3:.2f} ms -> ×{s / p:.3f}; "
-          f"amortised at sample_every=20: ×{1 + (s / p - 1) / 20:.4f}")
+          f"amortised at sample_every={SAMPLE_EVERY}: ×{1 + (s / p - 1) / SAMPLE_EVERY:.4f}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ Workloads (CPU, 2 threads): A = 8 Ã— (Linear(1024) + ReLU), batch 256; B = 200 Ã
 * ``nonfinite_sampled``: core + nonfinite with ``outputs="sampled"``;
 * ``detectors``: core + the four detector plugins, default options.
 
-For ``detectors`` it also reports the median time of a sampled step (every 20th: probes
+For ``detectors`` it also reports the median time of a sampled step (every 40th by default: probes
 on) over that of an unsampled one, and the host time of the ``gradwatch_diagnose`` calls
 per report interval. Run: ``python benchmarks/detectors.py [--steps 100] [--rounds 3] [--workload A|B]``
 on a quiet machine: other processes on the cores swamp these ratios.

@@ -53,7 +53,7 @@ def watch_default(model: nn.Module, opt: torch.optim.Optimizer) -> Iterator[Call
 
 @contextlib.contextmanager
 def watch_every(model: nn.Module, opt: torch.optim.Optimizer) -> Iterator[Callable[[], None]]:
-    with gradwatch.watch(model, opt, stats_every=1, sample_every=20, report=False):
+    with gradwatch.watch(model, opt, stats_every=1, sample_every=40, report=False):
         yield lambda: None
 
 

@@ -97,7 +97,8 @@ class GradWatchCallback:
         report_every: Optimizer steps between host reads of the statistics, diagnoses
             and reports.
         stats_every: Optimizer steps between gradient statistics (1 = every step).
-        sample_every: Steps between sampled probes, weight norms and update ratios.
+        sample_every: Steps between sampled probes, weight norms and update ratios
+            (default 40, or the next multiple of ``stats_every``).
         clip: ``None``, a max global norm, or a clipping mode (``"autoclip"``,
             ``"zclip"``, ``"agc"``); conflicts with ``Trainer(gradient_clip_val=...)``.
         on_nonfinite: ``None``, ``"skip"``, ``"zero"``, ``"warn"`` or ``"raise"``.
@@ -141,7 +142,7 @@ class GradWatchCallback:
         *,
         report_every: int = 100,
         stats_every: int = 4,
-        sample_every: int = 20,
+        sample_every: int | None = None,
         clip: float | str | Any | None = None,
         on_nonfinite: str | None = None,
         log: str | None = None,

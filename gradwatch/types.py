@@ -187,6 +187,9 @@ class Action:
         return {"kind": self.kind, "step": self.step, "evidence": _jsonable(self.evidence), "source": self.source}
 
 
+_DEFAULT_SAMPLE_EVERY = 40
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WatchConfig:
     """The options shared by :func:`gradwatch.watch` and :class:`gradwatch.GradWatch`.
@@ -197,7 +200,8 @@ class WatchConfig:
             gradient on every step (about one memory pass over the gradients per step);
             the default reads every 4th step, which keeps the overhead within 3% on a
             CPU MLP and delays detection by at most 3 steps.
-        sample_every: Steps between sampled work: forward activation probes, weight
+        sample_every: Steps between sampled work (default: 40, or the next multiple of
+            ``stats_every``): forward activation probes, weight
             norms and the update-to-weight ratio. A multiple of ``stats_every``.
         clip: ``None``, a max global norm, or a mode name (see the clipping plugin).
         on_nonfinite: What to do with a step whose gradients hold NaN/Inf (see the
@@ -215,7 +219,7 @@ class WatchConfig:
 
     report_every: int = 100
     stats_every: int = 4
-    sample_every: int = 20
+    sample_every: int = None  # type: ignore[assignment]  # resolved in __post_init__
     clip: float | str | Any | None = None
     on_nonfinite: str | None = None
     log: str | None = None
@@ -227,6 +231,9 @@ class WatchConfig:
     options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.sample_every is None and isinstance(self.stats_every, int) and self.stats_every > 0:
+            # The default: the first multiple of stats_every from 40 steps on.
+            object.__setattr__(self, "sample_every", -(-_DEFAULT_SAMPLE_EVERY // self.stats_every) * self.stats_every)
         for name in ("report_every", "stats_every", "sample_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

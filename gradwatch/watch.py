@@ -669,7 +669,7 @@ def watch(
     *,
     report_every: int = 100,
     stats_every: int = 4,
-    sample_every: int = 20,
+    sample_every: int | None = None,
     clip: float | str | Any | None = None,
     on_nonfinite: str | None = None,
     log: str | None = None,
@@ -692,7 +692,8 @@ def watch(
             Without one, call :meth:`Watcher.step` after each backward.
         report_every: Steps between host reads, diagnoses and reports.
         stats_every: Steps between gradient statistics (1 = every step).
-        sample_every: Steps between sampled probes, weight norms and update ratios.
+        sample_every: Steps between sampled probes, weight norms and update ratios
+            (default 40, or the next multiple of ``stats_every``).
         clip: ``None``, a max global norm, ``"autoclip"``, ``"zclip"`` or ``"agc"``.
         on_nonfinite: ``None``, ``"skip"``, ``"zero"``, ``"warn"`` or ``"raise"``.
         log: Path of a JSONL run log.
