@@ -144,6 +144,8 @@ def measured(d: Diagnosis) -> str:
     ev = d.evidence
     if d.kind == "vanishing" and ev.get("recurrent"):
         return f"gradient bound (γ·max σ′)^T = {_g(ev.get('bound'))} over T = {ev.get('seq_len')} steps (γ·max σ′ = {_g(ev.get('gain'), '.3g')})"
+    if d.kind == "vanishing" and ev.get("signal") == "absolute":
+        return f"largest layer gradient RMS {_g(ev.get('max_rms'))} while the loss stays at {_g(ev.get('loss_after'), '.3g')}"
     if d.kind == "vanishing":
         parts = [f"early/late gradient RMS ratio {_g(ev.get('ratio'))}"]
         if ev.get("decay_per_layer") is not None:

@@ -30,6 +30,11 @@ Thresholds (``options={"vanishing": {...}}``):
 * ``min_rows`` (3): rows (steps) a signal needs in the window before it is judged;
 * ``window`` (200): steps of history judged together;
 * ``backprop`` (True): measure the backprop signal on sampled steps.
+* ``tiny`` (1e-7) and ``plateau`` (0.01): with the loss recorded (``gw.observe_loss``, or the
+  Lightning callback), gradients vanish in absolute terms when every weight layer's gradient
+  RMS (geometric mean over the window) is below ``tiny`` while the loss has fallen by less
+  than ``plateau`` (relative) from the first to the last third of the window: the network is
+  not learning and not converged either (saturated outputs, a dead stack), whatever the depth.
 
 A condition is reported once, and again only when the starved share of the stack (in
 quarters) changes; it is re-armed when the condition clears.
@@ -66,6 +71,8 @@ _DEFAULTS: dict[str, Any] = {
     "min_rows": 3,
     "window": 200,
     "backprop": True,
+    "tiny": 1e-7,
+    "plateau": 0.01,
 }
 BACKPROP_KEY = "vanishing.backprop_rms"
 
@@ -228,10 +235,13 @@ def gradwatch_diagnose(window: StatsWindow, model: ModelInfo, ctx: StepContext) 
             g = window.grad_norm[[q for _, q in pairs]]
             steps = window.weight_norm.steps[[p for p, _ in pairs]]
             _keep(state, "grad_to_weight", steps, g / w.clamp_min(1e-30), last)
+    loss = window.extras.get("core.loss")
+    if loss is not None and len(loss.steps):
+        _keep(state, "loss", loss.steps, loss.values.reshape(-1, 1), last)
     columns = weight_layers(model)
     depth = len(columns)
     if depth < opts["min_depth"]:
-        return None
+        return _tiny(state, columns, [window.layers[c] for c in columns], opts)
     verdict = None
     for signal in ("backprop", "weight_grad", "grad_to_weight"):
         rows = state.rows.get(signal)
@@ -240,8 +250,7 @@ def gradwatch_diagnose(window: StatsWindow, model: ModelInfo, ctx: StepContext) 
         verdict = _judge(signal, profile(rows, columns), [window.layers[c] for c in columns], rows[0][0], opts)
         break
     if verdict is None:
-        state.reported = None
-        return None
+        return _tiny(state, columns, [window.layers[c] for c in columns], opts)
     # Noise moves a layer or two across the starved line between intervals: that is the
     # same condition, and so is the same starvation seen first in the weight gradients and
     # then in the backprop signal: the key is the share of the stack starved, in quarters.
@@ -250,6 +259,54 @@ def gradwatch_diagnose(window: StatsWindow, model: ModelInfo, ctx: StepContext) 
         return None
     state.reported = key
     return [verdict]
+
+
+def _tiny(state: _State, columns: list[int], names: list[str], opts: dict[str, Any]) -> list[Diagnosis] | None:
+    """Tiny gradients everywhere while the recorded loss stays on a plateau."""
+    rows, losses = state.rows.get("weight_grad"), state.rows.get("loss")
+    if not columns or not rows or not losses or len(rows) < opts["min_rows"] or len(losses) < 3 * opts["min_rows"]:
+        state.reported = None
+        return None
+    v = profile(rows, columns)
+    loss = torch.stack([value.reshape(()) for _, value in losses]).double()
+    third = max(1, loss.numel() // 3)
+    before, after = float(loss[:third].mean()), float(loss[-third:].mean())
+    gmax = float(torch.nan_to_num(v, nan=0.0).max()) if v.numel() else math.nan  # all-zero columns are NaN in the profile
+    drop = (before - after) / abs(before) if before else 0.0
+    if not (gmax < opts["tiny"] and math.isfinite(before) and drop < opts["plateau"]):
+        state.reported = None
+        return None
+    key = ("tiny",)
+    if key == state.reported:
+        return None
+    state.reported = key
+    return [
+        Diagnosis(
+            kind="vanishing",
+            severity=Severity.WARNING,
+            step=losses[0][0],
+            layers=tuple(names),
+            message=(
+                f"every layer's gradient RMS is below {opts['tiny']:.0e} (largest {gmax:.1e}) while the loss "
+                f"stays at {after:.3g} ({100 * drop:+.2f}% over the window): the network has stopped learning "
+                "without converging"
+            ),
+            evidence={
+                "ratio": None,
+                "decay_per_layer": None,
+                "depth": len(columns),
+                "signal": "absolute",
+                "early_rms": float(v[0]),
+                "late_rms": float(v[-1]),
+                "threshold": opts["tiny"],
+                "max_rms": gmax,
+                "loss_before": before,
+                "loss_after": after,
+                "per_layer": dict(zip(names, v.tolist())),
+            },
+            source="vanishing",
+        )
+    ]
 
 
 def _judge(signal: str, v: torch.Tensor, names: list[str], first_step: int, opts: dict[str, Any]) -> Diagnosis | None:

@@ -131,3 +131,34 @@ def test_inplace_relu_shared_module_frozen_and_unused_layers():
 def test_hook_gradwatch_configure_rejects_bad_options(options):
     with pytest.raises(gradwatch.GradWatchError, match="vanishing"):
         gradwatch.watch(sigmoid_mlp(depth=3), options={"vanishing": options}, report=False)
+
+
+def test_hook_gradwatch_diagnose_tiny_gradients_on_a_loss_plateau():
+    """A sigmoid output saturated by huge weights: every gradient is ~0 and the loss stays
+    high. Shallow (no depth trend to fit): only the absolute rule can see it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 1), nn.Sigmoid())
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.weight.mul_(1e3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = ((x, torch.full((64, 1), 0.5)) for x, _ in regression_batches())
+    with gradwatch.watch(model, opt, report_every=40, stats_every=1, report=False, disable=["activations"]) as gw:
+        train(model, 80, optimizer=opt, batches=batches, watcher=gw)
+    (d,) = [d for d in gw.diagnoses if d.kind == "vanishing"]
+    assert d.evidence["signal"] == "absolute" and d.evidence["max_rms"] < 1e-7
+    assert d.layers == ("0", "2")
+    # Plain torch agrees: the gradients are tiny and the loss sits at 0.25.
+    model(torch.randn(64, 16)).sub(0.5).pow(2).mean().backward()
+    assert max(p.grad.abs().max().item() for p in model.parameters()) < 1e-6
+    assert abs(d.evidence["loss_after"] - 0.25) < 0.01
+    assert any(r.kind for r in d.remedies)
+
+
+def test_hook_gradwatch_diagnose_no_absolute_verdict_without_a_loss_or_when_learning():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with gradwatch.watch(model, opt, report_every=40, stats_every=1, report=False) as gw:
+        train(model, 80, optimizer=opt, watcher=gw)  # healthy: learning, normal gradients
+    assert not [d for d in gw.diagnoses if d.kind == "vanishing"]
