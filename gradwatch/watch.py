@@ -655,12 +655,6 @@ class Watcher:
             )
             return None
 
-    @property
-    def diagnoses_by_kind(self) -> dict[str, list[Diagnosis]]:
-        out: dict[str, list[Diagnosis]] = {}
-        for d in self.diagnoses:
-            out.setdefault(d.kind, []).append(d)
-        return out
 
 
 def watch(
