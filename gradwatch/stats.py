@@ -158,7 +158,7 @@ class GradBatch:
     and returns device tensors; nothing here reads a value on the host.
     """
 
-    __slots__ = ("plan", "_groups", "_norms", "_maxabs", "_layer_sq")
+    __slots__ = ("plan", "_groups", "_norms", "_maxabs", "_layer_sq", "_index")
 
     def __init__(self, plan: Plan, groups: list[tuple[_Group, list[torch.Tensor]]]) -> None:
         self.plan = plan
@@ -166,6 +166,7 @@ class GradBatch:
         self._norms: torch.Tensor | None = None
         self._maxabs: torch.Tensor | None = None
         self._layer_sq: torch.Tensor | None = None
+        self._index: torch.Tensor | None = None
 
     @property
     def tensors(self) -> list[torch.Tensor]:
@@ -180,7 +181,13 @@ class GradBatch:
     @property
     def layer_index(self) -> torch.Tensor:
         """int64 ``[P]``: the layer of each present gradient, on the statistics device."""
-        return torch.cat([group.index.to(self.plan.device) for group, _ in self._groups])
+        if self._index is None:
+            parts = [group.index.to(self.plan.device) for group, _ in self._groups]
+            if len(parts) == 1:
+                self._index = parts[0]  # the plan's own tensor: no copy on a one-device model
+            else:
+                self._index = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64, device=self.plan.device)
+        return self._index
 
     @property
     def num_layers(self) -> int:

@@ -17,8 +17,11 @@ import pytest
 import torch
 from torch import nn
 
+from gradwatch.hookspecs import hookimpl
+
 __all__ = [
     "NaNAt",
+    "ReportCatcher",
     "TinyModel",
     "console",
     "exploding_rnn",
@@ -240,6 +243,19 @@ def train(
         optimizer.zero_grad()
         losses.append(loss.detach())
     return torch.stack(losses).tolist()
+
+
+class ReportCatcher:
+    """A plugin that keeps every :class:`gradwatch.Report` it is given: ``plugins=[catcher]``."""
+
+    gradwatch_name = "catch"
+
+    def __init__(self) -> None:
+        self.reports: list[Any] = []
+
+    @hookimpl
+    def gradwatch_report(self, report: Any) -> None:
+        self.reports.append(report)
 
 
 # ---------------------------------------------------------------------- fixtures

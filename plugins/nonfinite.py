@@ -241,39 +241,28 @@ def gradwatch_diagnose(window: StatsWindow, model: ModelInfo, ctx: StepContext) 
         if out_step < 0 and grad_step < 0 and len(window):
             state.armed = True  # a whole interval finite again: a new occurrence is news
         return None
-    unlocated = (
-        out_step >= 0 and out_module == 0 and state.modules_sampled and out_step % ctx.config.sample_every != 0
-    )
-    if out_step >= 0 and (grad_step < 0 or out_step <= grad_step) and unlocated:
-        # Only the model's output was checked on that step ("auto" on a model of many modules).
+    if out_step >= 0 and (grad_step < 0 or out_step <= grad_step):
         what = "NaN" if math.isnan(value) else "Inf"
-        diagnosis = Diagnosis(
-            kind="nonfinite",
-            severity=Severity.ERROR,
-            step=out_step,
-            layers=(),
-            message=(
+        evidence: dict[str, Any] = {"first_step": out_step, "where": "output", "value": what.lower()}
+        if out_module == 0 and state.modules_sampled and out_step % ctx.config.sample_every != 0:
+            # Only the model's output was checked on that step ("auto" on a model of many modules).
+            layers: tuple[str, ...] = ()
+            evidence.update(module_type="", located=False)
+            message = (
                 f"the model's output became {what} at step {out_step}; its {len(state.names)} modules are checked "
                 f"one by one on sampled steps only (every {ctx.config.sample_every}), so the module is not known: "
                 'pass options={"nonfinite": {"outputs": "every_step"}} to name it'
-            ),
-            evidence={"first_step": out_step, "where": "output", "module_type": "", "value": what.lower(), "located": False},
-            source="nonfinite",
-        )
-    elif out_step >= 0 and (grad_step < 0 or out_step <= grad_step):
-        name, module_type = state.names[out_module], state.types[out_module]
-        what = "NaN" if math.isnan(value) else "Inf"
-        diagnosis = Diagnosis(
-            kind="nonfinite",
-            severity=Severity.ERROR,
-            step=out_step,
-            layers=(name,),
-            message=(
+            )
+        else:
+            name, module_type = state.names[out_module], state.types[out_module]
+            layers = (name,)
+            evidence.update(module_type=module_type)
+            message = (
                 f"the output of {name or '(root)'} ({module_type}) became {what} at step {out_step}, "
                 "the first module in forward order to produce a non-finite value"
-            ),
-            evidence={"first_step": out_step, "where": "output", "module_type": module_type, "value": what.lower()},
-            source="nonfinite",
+            )
+        diagnosis = Diagnosis(
+            kind="nonfinite", severity=Severity.ERROR, step=out_step, layers=layers, message=message, evidence=evidence, source="nonfinite"
         )
     elif grad_step >= 0:
         name = window.layers[grad_layer]

@@ -16,7 +16,7 @@ import torch
 import gradwatch
 from gradwatch import hookimpl
 from gradwatch.manager import BUILTIN_PLUGINS, make_plugin_manager
-from gradwatch.testing import TinyModel
+from gradwatch.testing import ReportCatcher, TinyModel
 
 
 def _train(model, opt, steps=3):
@@ -44,18 +44,13 @@ def test_builtins_are_our_entry_points() -> None:
 
 
 def test_hook_report_called_with_user_plugin() -> None:
-    seen = []
-
-    class Plugin:
-        @hookimpl
-        def gradwatch_report(self, report):
-            seen.append(report.step)
-
+    catcher = ReportCatcher()
     model = TinyModel()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with gradwatch.watch(model, opt, plugins=[Plugin()], report_every=2, report=False):
+    with gradwatch.watch(model, opt, plugins=[catcher], report_every=2, report=False):
         _train(model, opt, 5)
-    assert seen == [1, 3, 4]
+    assert [r.step for r in catcher.reports] == [1, 3, 4]
+    assert [r.final for r in catcher.reports] == [False, False, True]
 
 
 def test_disable_builtin_and_unknown_name() -> None:

@@ -14,7 +14,7 @@ from rich.console import Console
 import gradwatch
 from gradwatch import Diagnosis, GradWatchError, Remedy, Severity
 from gradwatch.plugins import console as console_plugin
-from gradwatch.testing import TinyModel, regression_batches, relu_mlp, sigmoid_mlp, train
+from gradwatch.testing import ReportCatcher, TinyModel, regression_batches, relu_mlp, sigmoid_mlp, train
 
 ONLY = ["console"]  # the other built-ins stay out of the way where a test counts diagnoses
 
@@ -41,17 +41,6 @@ def _others() -> list[str]:
     return [name for name in BUILTIN_PLUGINS if name not in ONLY]
 
 
-class Catch:
-    """Keeps every report it is given."""
-
-    gradwatch_name = "catch"
-
-    def __init__(self) -> None:
-        self.reports: list[gradwatch.Report] = []
-
-    @gradwatch.hookimpl
-    def gradwatch_report(self, report):
-        self.reports.append(report)
 
 
 class Fixed:
@@ -125,7 +114,7 @@ def test_hook_gradwatch_report_numbers_match_plain_torch():
     model.load_state_dict(reference.state_dict())
     norms, rms, ratios, _ = _torch_stats(reference, 7)
 
-    console, catch = _console(), Catch()
+    console, catch = _console(), ReportCatcher()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     with gradwatch.watch(
         model, opt, stats_every=1, sample_every=1, report_every=100, console=console, plugins=[catch], disable=_others(), autoload=False
@@ -202,7 +191,7 @@ def test_hook_gradwatch_report_printed_on_new_diagnoses_or_every_interval(tiny_m
 
 def test_collapse_runs_of_alike_layers_and_show_all():
     model = relu_mlp(depth=60, width=8)
-    console, catch = _console(width=110), Catch()
+    console, catch = _console(width=110), ReportCatcher()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     with gradwatch.watch(model, opt, stats_every=1, console=console, plugins=[catch], disable=_others(), autoload=False):
         train(model, 3, optimizer=opt)

@@ -14,7 +14,7 @@ import gradwatch
 from gradwatch import Action, Diagnosis, GradWatchError, Remedy, Severity
 from gradwatch.plugins import console as console_plugin
 from gradwatch.plugins import runlog
-from gradwatch.testing import TinyModel, nan_model, regression_batches, train
+from gradwatch.testing import ReportCatcher, TinyModel, nan_model, regression_batches, train
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -37,15 +37,6 @@ def _records(path) -> list[dict]:
     return [json.loads(line) for line in text.splitlines()]
 
 
-class Catch:
-    gradwatch_name = "catch"
-
-    def __init__(self) -> None:
-        self.reports: list[gradwatch.Report] = []
-
-    @gradwatch.hookimpl
-    def gradwatch_report(self, report):
-        self.reports.append(report)
 
 
 def test_interval_records_match_plain_torch(tmp_path):
@@ -65,7 +56,7 @@ def test_interval_records_match_plain_torch(tmp_path):
         opt.step()
         opt.zero_grad()
 
-    log, catch = tmp_path / "run.jsonl", Catch()
+    log, catch = tmp_path / "run.jsonl", ReportCatcher()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     with gradwatch.watch(model, opt, stats_every=1, sample_every=1, report_every=5, log=log, console=_quiet(), plugins=[catch], autoload=False):
         train(model, 12, batches=regression_batches(d_in=8, d_out=2, batch=16), optimizer=opt)
