@@ -56,6 +56,7 @@ def _worker(rank: int, world: int, port: int, out: Path) -> None:
             "clipped_steps": [a.step for a in gw.actions if a.kind == "clip"],
             "finite": bool(torch.isfinite(flat).all()),
         }
+    dist.barrier()  # no rank tears the group down while another still has gloo work in flight
     dist.destroy_process_group()
     (out / f"rank{rank}.json").write_text(json.dumps(result))
 

@@ -43,6 +43,9 @@ def _worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
             },
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
+        # A rank that destroys its group while another still has gloo work in flight can
+        # abort the other ("terminate called without an active exception"): wait first.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -81,14 +84,16 @@ def _fsdp_worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
             for _ in range(4):
                 model(torch.randn(8, 8, generator=g)).pow(2).mean().backward()
                 # Reference: the full (unsharded) gradients, plain torch; collectives on every rank.
-                full = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
-                before = {n: p.full_tensor().clone() for n, p in model.named_parameters()}
+                with torch.no_grad():
+                    full = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+                    before = {n: p.full_tensor().clone() for n, p in model.named_parameters()}
                 expected.append([
                     torch.sqrt(full[f"{layer}.weight"].pow(2).sum() + full[f"{layer}.bias"].pow(2).sum())
                     for layer in ("linear1", "linear2")
                 ])  # fmt: skip
                 opt.step()
-                after = {n: p.full_tensor() for n, p in model.named_parameters()}
+                with torch.no_grad():
+                    after = {n: p.full_tensor() for n, p in model.named_parameters()}
                 expected_ratio.append([
                     torch.sqrt(sum((after[f"{l}.{k}"] - before[f"{l}.{k}"]).pow(2).sum() for k in ("weight", "bias")))
                     / torch.sqrt(sum(before[f"{l}.{k}"].pow(2).sum() for k in ("weight", "bias")))
@@ -104,6 +109,7 @@ def _fsdp_worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
             },
             os.path.join(out_dir, f"fsdp{rank}.pt"),
         )
+        dist.barrier()  # see _worker
     finally:
         dist.destroy_process_group()
 

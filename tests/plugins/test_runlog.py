@@ -299,6 +299,7 @@ def _ddp_worker(rank: int, world: int, store_path: str, log: str) -> None:
                 opt.zero_grad()
         with open(f"{log}.rank{rank}", "w") as out:
             out.write(str(opened))
+        dist.barrier()  # no rank tears the group down while another still has gloo work in flight
     finally:
         dist.destroy_process_group()
 
