@@ -32,7 +32,9 @@ SAMPLE_EVERY = gradwatch.WatchConfig().sample_every
 def host_cost(name, model, batches, steps=61, report_every=20):
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     others = [n for n in gradwatch.manager.BUILTIN_PLUGINS if n not in PLUGINS]
-    with gradwatch.watch(model, opt, autoload=False, report_every=report_every, disable=others, console=Console(file=io.StringIO())) as gw:
+    with gradwatch.watch(
+        model, opt, autoload=False, report_every=report_every, disable=others, console=Console(file=io.StringIO())
+    ) as gw:
         times: dict[str, list[float]] = {}
         timings: dict[str, float] = {}
 
@@ -53,8 +55,10 @@ def host_cost(name, model, batches, steps=61, report_every=20):
         undo()
     diag = times.get("gradwatch_diagnose", [])
     adv = times.get("gradwatch_advise", [])
-    print(f"{name:28s} diagnose per interval: first {diag[0] * 1e3:7.1f} ms, later {statistics.median(diag[1:]) * 1e3:6.2f} ms; "
-          f"advise {sum(adv) * 1e3:6.1f} ms for {len(adv)} diagnosis(es) ({', '.join(d.kind for d in gw.diagnoses)})")
+    print(
+        f"{name:28s} diagnose per interval: first {diag[0] * 1e3:7.1f} ms, later {statistics.median(diag[1:]) * 1e3:6.2f} ms; "
+        f"advise {sum(adv) * 1e3:6.1f} ms for {len(adv)} diagnosis(es) ({', '.join(d.kind for d in gw.diagnoses)})"
+    )
 
 
 def probe_overhead(reps=150):
@@ -63,10 +67,18 @@ def probe_overhead(reps=150):
     x, y = next(batches)
     opt = torch.optim.SGD(model.parameters(), lr=0.001)
     # A watcher whose only sampled probe is recurrent's: compare sampled vs unsampled steps.
-    with gradwatch.watch(model, opt, autoload=False, report=False, disable=[n for n in gradwatch.manager.BUILTIN_PLUGINS if n != "recurrent"],
-                         stats_every=1, sample_every=2, report_every=10_000) as gw:
+    with gradwatch.watch(
+        model,
+        opt,
+        autoload=False,
+        report=False,
+        disable=[n for n in gradwatch.manager.BUILTIN_PLUGINS if n != "recurrent"],
+        stats_every=1,
+        sample_every=2,
+        report_every=10_000,
+    ) as gw:
         sampled, plain = [], []
-        for k in range(2 * reps):
+        for _k in range(2 * reps):
             t = time.perf_counter()
             nn.functional.mse_loss(model(x), y).backward()
             opt.step()
@@ -80,12 +92,18 @@ def probe_overhead(reps=150):
         per_call = (time.perf_counter() - t) / 10_000
     s, p = statistics.median(sampled[5:]), statistics.median(plain[5:])
     print(f"recurrent probe: {per_call * 1e6:.2f} µs per call (one call per RNN module per sampled forward)")
-    print(f"recurrent probe: sampled step {s * 1e3:.2f} ms vs unsampled {p * 1e3:.2f} ms -> ×{s / p:.3f}; "
-          f"amortised at sample_every={SAMPLE_EVERY}: ×{1 + (s / p - 1) / SAMPLE_EVERY:.4f}")
+    print(
+        f"recurrent probe: sampled step {s * 1e3:.2f} ms vs unsampled {p * 1e3:.2f} ms -> ×{s / p:.3f}; "
+        f"amortised at sample_every={SAMPLE_EVERY}: ×{1 + (s / p - 1) / SAMPLE_EVERY:.4f}"
+    )
 
 
 if __name__ == "__main__":
     host_cost("vanilla_rnn(T=100, H=32)", vanilla_rnn(radius=0.5), sequence_batches(seq_len=100, batch=16))
-    host_cost("relu_mlp(depth=30, lecun)", relu_mlp(depth=30, init="lecun"), iter(lambda: (torch.randn(64, 16), torch.randn(64, 1)), None))
+    host_cost(
+        "relu_mlp(depth=30, lecun)",
+        relu_mlp(depth=30, init="lecun"),
+        iter(lambda: (torch.randn(64, 16), torch.randn(64, 1)), None),
+    )
     host_cost("sigmoid_mlp(depth=20)", sigmoid_mlp(depth=20), iter(lambda: (torch.randn(64, 16), torch.randn(64, 1)), None))
     probe_overhead()

@@ -61,8 +61,16 @@ def mlp(depth: int, width: int, device: str) -> nn.Sequential:
 class Variant:
     """One configuration: its own model, optimizer, watcher and per-step extra work."""
 
-    def __init__(self, name: str, depth: int, width: int, device: str, clip: object = None, watch: bool = False,
-                 extra: Callable[[nn.Module], Callable[[], None]] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        depth: int,
+        width: int,
+        device: str,
+        clip: object = None,
+        watch: bool = False,
+        extra: Callable[[nn.Module], Callable[[], None]] | None = None,
+    ) -> None:
         self.name = name
         self.model = mlp(depth, width, device)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3)
@@ -81,8 +89,9 @@ class Variant:
 def variants(depth: int, width: int, device: str) -> list[Variant]:
     out = [
         Variant("bare", depth, width, device),
-        Variant("clip_grad_norm_", depth, width, device,
-                extra=lambda m: lambda: torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)),
+        Variant(
+            "clip_grad_norm_", depth, width, device, extra=lambda m: lambda: torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+        ),
         Variant("watch", depth, width, device, watch=True),
         Variant("watch clip=1.0", depth, width, device, watch=True, clip=1.0),
         Variant("watch autoclip", depth, width, device, watch=True, clip="autoclip"),
@@ -90,6 +99,7 @@ def variants(depth: int, width: int, device: str) -> list[Variant]:
         Variant("watch agc", depth, width, device, watch=True, clip="agc"),
     ]
     if zclip_pkg is not None:
+
         def package(m: nn.Module) -> Callable[[], None]:
             z = zclip_pkg.ZClip(max_grad_norm=None)
             return lambda: z.step(m)
@@ -125,15 +135,19 @@ def run(depth: int, width: int, batch: int, args: argparse.Namespace) -> None:
         v.stack.close()
     med = {k: statistics.median(t) for k, t in times.items()}
     best = {k: min(t) for k, t in times.items()}
-    print(f"\n{depth} x Linear({width}) + ReLU, batch {batch}, SGD, {args.device}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}; "
-          f"{args.rounds} rounds x {args.steps} steps, median and best round (other load only adds time)")
+    print(
+        f"\n{depth} x Linear({width}) + ReLU, batch {batch}, SGD, {args.device}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}; "
+        f"{args.rounds} rounds x {args.steps} steps, median and best round (other load only adds time)"
+    )
     print("| variant | ms/step median | × bare | × clip_grad_norm_ | ms/step best | × bare | × clip_grad_norm_ |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name in med:
         m, b = med[name], best[name]
-        print(f"| {name} | {m:.2f} | {m / med['bare']:.3f} | {m / med['clip_grad_norm_']:.3f} "
-              f"| {b:.2f} | {b / best['bare']:.3f} | {b / best['clip_grad_norm_']:.3f} |")
+        print(
+            f"| {name} | {m:.2f} | {m / med['bare']:.3f} | {m / med['clip_grad_norm_']:.3f} "
+            f"| {b:.2f} | {b / best['bare']:.3f} | {b / best['clip_grad_norm_']:.3f} |"
+        )
 
 
 def run_act(depth: int, width: int, batch: int, args: argparse.Namespace) -> None:
@@ -157,8 +171,13 @@ def run_act(depth: int, width: int, batch: int, args: argparse.Namespace) -> Non
     m = model_with_grads()
     calls["clip_grad_norm_"] = lambda m=m: torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
     cadence = dict(stats_every=10_000, sample_every=10_000, report_every=10_000, report=False, autoload=False)
-    for name, clip in (("gw.step() no clip", None), ("gw.step() clip=1.0", 1.0), ("gw.step() autoclip", "autoclip"),
-                       ("gw.step() zclip", "zclip"), ("gw.step() agc", "agc")):
+    for name, clip in (
+        ("gw.step() no clip", None),
+        ("gw.step() clip=1.0", 1.0),
+        ("gw.step() autoclip", "autoclip"),
+        ("gw.step() zclip", "zclip"),
+        ("gw.step() agc", "agc"),
+    ):
         m = model_with_grads()
         calls[name] = stack.enter_context(gradwatch.watch(m, clip=clip, **cadence)).step
     if zclip_pkg is not None:
@@ -179,8 +198,10 @@ def run_act(depth: int, width: int, batch: int, args: argparse.Namespace) -> Non
             times[name].append((time.perf_counter() - start) / args.steps * 1e3)
     stack.close()
     med = {k: statistics.median(t) for k, t in times.items()}
-    print(f"\nclipping work alone: {depth} x Linear({width}) gradients, {args.device}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}; median of {args.rounds} rounds x {args.steps} calls")
+    print(
+        f"\nclipping work alone: {depth} x Linear({width}) gradients, {args.device}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}; median of {args.rounds} rounds x {args.steps} calls"
+    )
     print("| call | ms/call | × clip_grad_norm_ |")
     print("|---|---:|---:|")
     for name, ms in med.items():

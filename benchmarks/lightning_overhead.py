@@ -133,7 +133,9 @@ def main() -> None:
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
     parser.add_argument(
-        "--clock", choices=("wall", "cpu"), default="wall",
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
         help="wall time, or this process's CPU time (steadier on a shared CPU machine; CPU runs only)",
     )
     args = parser.parse_args()

@@ -122,8 +122,10 @@ def main() -> None:
         cells = [f"{med[n] * 1e3:.2f} ms ({med[n] / med['bare']:.3f}×)" for n in VARIANTS]
         print(f"| {label} | " + " | ".join(cells) + " |")
         extra = (med["watch"] - med["bare"]) / max(med["clip"] - med["bare"], 1e-12)
-        print(f"|  | watch overhead = {100 * (med['watch'] / med['bare'] - 1):+.1f}% of bare, "
-              f"{extra:.2f}× the clip_grad_norm_ pass |" + " |" * (len(VARIANTS) - 1))
+        print(
+            f"|  | watch overhead = {100 * (med['watch'] / med['bare'] - 1):+.1f}% of bare, "
+            f"{extra:.2f}× the clip_grad_norm_ pass |" + " |" * (len(VARIANTS) - 1)
+        )
 
 
 if __name__ == "__main__":

@@ -37,7 +37,9 @@ def measure(depth: int, intervals: int, *, keep: tuple[str, ...]) -> tuple[float
         start: list[float] = []
         gw.pm.add_hookcall_monitoring(
             lambda name, impls, kw: start.append(time.perf_counter()) if name == "gradwatch_report" else None,
-            lambda outcome, name, impls, kw: times.append(time.perf_counter() - start.pop()) if name == "gradwatch_report" else None,
+            lambda outcome, name, impls, kw: (
+                times.append(time.perf_counter() - start.pop()) if name == "gradwatch_report" else None
+            ),
         )
         with gw:
             train(model, 100 * intervals, optimizer=opt)

@@ -43,7 +43,7 @@ def _read(path: str):  # -> RunLog
     return log
 
 
-def _cut(log) -> int:  # noqa: ANN001 - RunLog, imported lazily
+def _cut(log) -> int:
     """Say that the last line was cut (the run crashed mid-write), after showing what is whole.
 
     Exit code 2 like every damaged log, though the whole lines were used: scripts must not
@@ -126,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
         "above a timeline of the total gradient norm with clip events. Needs matplotlib: pip install gradwatch[plot].",
     )
     plot.add_argument("log", metavar="RUN.jsonl", help="the run log")
-    plot.add_argument("-o", "--output", default="flow.png", help="image file to write; the suffix picks the format (default: flow.png)")
+    plot.add_argument(
+        "-o", "--output", default="flow.png", help="image file to write; the suffix picks the format (default: flow.png)"
+    )
     plot.add_argument("--dpi", type=int, default=100, help="dots per inch; the figure is 12 x 8 inches (default: 100)")
     plot.add_argument("--title", default=None, help="figure title (default: the log's file name)")
     plot.set_defaults(func=_cmd_plot)

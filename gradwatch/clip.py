@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from gradwatch.types import GradWatchError
 
@@ -133,10 +133,12 @@ class AGC:
         _positive("AGC clipping (lambda)", self.clipping)
         _positive("AGC eps", self.eps)
         if isinstance(self.exclude, str):
-            raise GradWatchError(f"AGC exclude takes a tuple of layer names, got the string {self.exclude!r}; use ({self.exclude!r},)")
+            raise GradWatchError(
+                f"AGC exclude takes a tuple of layer names, got the string {self.exclude!r}; use ({self.exclude!r},)"
+            )
 
 
-ClipConfig = Union[ClipNorm, AutoClip, ZClip, AGC]
+ClipConfig = ClipNorm | AutoClip | ZClip | AGC
 _MODES = {"autoclip": AutoClip, "zclip": ZClip, "agc": AGC}
 
 
@@ -165,8 +167,7 @@ def resolve_clip(value: object) -> ClipConfig | None:
             raise GradWatchError(f"clip={value!r}: a max global gradient norm must be a positive finite number (e.g. clip=1.0)")
         return ClipNorm(max_norm=float(value))
     raise GradWatchError(
-        f"clip takes None, a positive number, 'autoclip', 'zclip', 'agc' or a gradwatch clip config, "
-        f"got {type(value).__name__}"
+        f"clip takes None, a positive number, 'autoclip', 'zclip', 'agc' or a gradwatch clip config, got {type(value).__name__}"
     )
 
 

@@ -167,9 +167,7 @@ class GradWatchCallback:
             raise GradWatchError(f"GradWatch() got unknown option(s) {', '.join(hints)}; known options: {', '.join(known)}")
         if isinstance(disable, str):
             raise GradWatchError(f"disable takes a list of plugin names, got the string {disable!r}; use [{disable!r}]")
-        if isinstance(log_layers, bool) or not (
-            log_layers in _LOG_LAYERS or (isinstance(log_layers, int) and log_layers > 0)
-        ):
+        if isinstance(log_layers, bool) or not (log_layers in _LOG_LAYERS or (isinstance(log_layers, int) and log_layers > 0)):
             raise GradWatchError(
                 f"log_layers must be one of {', '.join(map(repr, _LOG_LAYERS))} or a positive int k "
                 f"(the k largest layer norms), got {log_layers!r}"
@@ -347,7 +345,14 @@ class GradWatchCallback:
         # hook handles and the progress bar stay behind; each process builds its own.
         state = self.__dict__.copy()
         state.update(
-            watchers=[], _taps=[], _buffers=[], _labels=[], _by_optimizer={}, _taken=[], _progress_bar=None, _user_console=None,
+            watchers=[],
+            _taps=[],
+            _buffers=[],
+            _labels=[],
+            _by_optimizer={},
+            _taken=[],
+            _progress_bar=None,
+            _user_console=None,
             _loss=None,
         )
         return state
@@ -460,7 +465,9 @@ class GradWatchCallback:
         return metrics
 
 
-_OPTION_NAMES = frozenset(GradWatchCallback.__init__.__code__.co_varnames[1 : GradWatchCallback.__init__.__code__.co_kwonlyargcount + 1])
+_OPTION_NAMES = frozenset(
+    GradWatchCallback.__init__.__code__.co_varnames[1 : GradWatchCallback.__init__.__code__.co_kwonlyargcount + 1]
+)
 
 
 def _key(name: str) -> str:

@@ -25,7 +25,18 @@ __all__ = ["BUILTIN_PLUGINS", "PluginHost", "make_plugin_manager"]
 
 #: Built-in plugins, in registration order; each is the name of its entry point in
 #: pyproject.toml and of its module ``gradwatch.plugins.<name>``.
-BUILTIN_PLUGINS: tuple[str, ...] = ("nonfinite", "vanishing", "exploding", "activations", "recurrent", "init", "advisor", "clipping", "console", "runlog")
+BUILTIN_PLUGINS: tuple[str, ...] = (
+    "nonfinite",
+    "vanishing",
+    "exploding",
+    "activations",
+    "recurrent",
+    "init",
+    "advisor",
+    "clipping",
+    "console",
+    "runlog",
+)
 
 _DISABLE_AUTOLOAD_ENV = "GRADWATCH_DISABLE_PLUGIN_AUTOLOAD"
 _DISABLE_PLUGINS_ENV = "GRADWATCH_DISABLE_PLUGINS"
@@ -83,8 +94,7 @@ def make_plugin_manager(
     unknown = sorted(set(disable) - known)
     if unknown:
         raise GradWatchError(
-            f"disable names unknown plugin(s) {', '.join(map(repr, unknown))}; "
-            f"known plugins are: {', '.join(sorted(known))}"
+            f"disable names unknown plugin(s) {', '.join(map(repr, unknown))}; known plugins are: {', '.join(sorted(known))}"
         )
     for name in disable:
         pm.set_blocked(name)

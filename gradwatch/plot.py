@@ -127,11 +127,21 @@ def plot_run(log: RunLog, output: str | os.PathLike[str], *, dpi: int = 100, tit
     clips = [a for a in log.actions if a.kind == "clip"]
     if clips:
         xs = [a.step for a in clips]
-        ys = [float(a.evidence["norm"]) if _is_number(a.evidence.get("norm")) else float(np.interp(a.step, step_arr, total)) for a in clips]
+        ys = [
+            float(a.evidence["norm"]) if _is_number(a.evidence.get("norm")) else float(np.interp(a.step, step_arr, total))
+            for a in clips
+        ]
         bottom.scatter(xs, ys, marker="v", color="#d62728", s=24, label=f"clipped ({len(clips)} steps)", zorder=3)
         limits = [(a.step, float(a.evidence["threshold"])) for a in clips if _is_number(a.evidence.get("threshold"))]
         if limits:
-            bottom.plot([s for s, _ in limits], [t for _, t in limits], color="#d62728", linewidth=0.8, linestyle=":", label="clip threshold")
+            bottom.plot(
+                [s for s, _ in limits],
+                [t for _, t in limits],
+                color="#d62728",
+                linewidth=0.8,
+                linestyle=":",
+                label="clip threshold",
+            )
     for k, action in enumerate(a for a in log.actions if a.kind == "amp_skip"):
         bottom.axvline(action.step, color="grey", linewidth=0.8, alpha=0.6, label="AMP skip" if k == 0 else None)
     if np.any(np.isfinite(total) & (total > 0)):
@@ -147,7 +157,7 @@ def plot_run(log: RunLog, output: str | os.PathLike[str], *, dpi: int = 100, tit
     return path
 
 
-def _edges(steps):  # noqa: ANN001, ANN202 - numpy arrays
+def _edges(steps):
     """Cell edges around each step (midpoints), so uneven step spacing is drawn right."""
     import numpy as np
 

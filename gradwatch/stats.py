@@ -378,7 +378,9 @@ class StatsRing:
             )
         rows.write(step, value.detach().to(self.device, _F32, non_blocking=True))
 
-    def drain(self, *, layers: tuple[str, ...], amp_skips: Sequence[int], first_step: int, last_step: int, final: bool) -> StatsWindow:
+    def drain(
+        self, *, layers: tuple[str, ...], amp_skips: Sequence[int], first_step: int, last_step: int, final: bool
+    ) -> StatsWindow:
         """Read everything recorded since the last drain to the host, in one copy."""
         rings: list[tuple[str, _Rows]] = [
             ("core", self.core),

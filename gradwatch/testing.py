@@ -68,7 +68,9 @@ def sigmoid_mlp(depth: int = 20, width: int = 32, d_in: int = 16, d_out: int = 1
     return nn.Sequential(*layers)
 
 
-def relu_mlp(depth: int = 30, width: int = 64, d_in: int = 16, d_out: int = 1, init: str = "kaiming", seed: int = 0) -> nn.Sequential:
+def relu_mlp(
+    depth: int = 30, width: int = 64, d_in: int = 16, d_out: int = 1, init: str = "kaiming", seed: int = 0
+) -> nn.Sequential:
     """A deep Linear + ReLU stack. ``init="lecun"`` draws weights with std
     ``sqrt(1/fan_in)`` (half the variance ReLU needs: the signal halves per layer,
     He et al. 2015), ``"kaiming"`` with ``sqrt(2/fan_in)``; biases are zero."""
@@ -197,7 +199,9 @@ def transformer_encoder(d_model: int = 32, layers: int = 2, vocab: int = 50, cla
     return _Encoder(d_model, layers, vocab, classes)
 
 
-def regression_batches(d_in: int = 16, d_out: int = 1, batch: int = 64, seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def regression_batches(
+    d_in: int = 16, d_out: int = 1, batch: int = 64, seed: int = 0
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """An endless stream of batches of a fixed random linear regression task."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(d_in, d_out, generator=g) / math.sqrt(d_in)
@@ -206,7 +210,9 @@ def regression_batches(d_in: int = 16, d_out: int = 1, batch: int = 64, seed: in
         yield x, x @ w
 
 
-def sequence_batches(seq_len: int = 100, d_in: int = 4, batch: int = 32, seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def sequence_batches(
+    seq_len: int = 100, d_in: int = 4, batch: int = 32, seed: int = 0
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Sequences whose target is a function of the *first* step: only a gradient that
     survives ``seq_len`` steps can learn it."""
     g = torch.Generator().manual_seed(seed)

@@ -111,9 +111,7 @@ def unwrap_model(model: nn.Module) -> tuple[nn.Module, bool]:
             return model, compiled
 
 
-def find_layers(
-    root: nn.Module, order: Sequence[nn.Module] = (), keep: AbstractSet[int] | None = None
-) -> tuple[LayerInfo, ...]:
+def find_layers(root: nn.Module, order: Sequence[nn.Module] = (), keep: AbstractSet[int] | None = None) -> tuple[LayerInfo, ...]:
     """The modules that own trainable parameters directly, in ``order`` first (forward
     order), then the rest in ``named_modules()`` order. A shared parameter belongs to the
     first layer that owns it. With ``keep`` (ids of parameters), only those are watched."""
@@ -656,7 +654,6 @@ class Watcher:
             return None
 
 
-
 def watch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
@@ -738,9 +735,7 @@ def _as_optimizers(optimizer: object) -> tuple[torch.optim.Optimizer, ...]:
         optimizers = tuple(optimizer)
         if optimizers and all(isinstance(o, torch.optim.Optimizer) for o in optimizers):
             return optimizers
-    raise GradWatchError(
-        f"optimizer must be a torch.optim.Optimizer, a list of them, or None, got {type(optimizer).__name__}"
-    )
+    raise GradWatchError(f"optimizer must be a torch.optim.Optimizer, a list of them, or None, got {type(optimizer).__name__}")
 
 
 def _check_optimizers(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer]) -> None:

@@ -139,7 +139,7 @@ class _LeafTracer(torch.fx.Tracer):
 def _trace(model: nn.Module) -> tuple[torch.fx.Graph | None, str | None]:
     try:
         return _LeafTracer().trace(model), None
-    except Exception as exc:  # noqa: BLE001 - any failure means "not traceable"
+    except Exception as exc:
         text = str(exc).strip().splitlines()
         return None, f"{type(exc).__name__}: {text[0][:120] if text else ''}"
 
@@ -227,7 +227,9 @@ def anatomy(model: nn.Module, forward_order: list[str] | None = None) -> Anatomy
                     break
                 frontier.extend(nxt.users)
         for node in nodes:
-            is_add = (node.op == "call_function" and node.target in _ADDS) or (node.op == "call_method" and node.target in {"add", "add_"})
+            is_add = (node.op == "call_function" and node.target in _ADDS) or (
+                node.op == "call_method" and node.target in {"add", "add_"}
+            )
             args = [a for a in node.args[:2] if isinstance(a, torch.fx.Node)]
             if is_add and len(args) == 2 and (_reaches(args[0], args[1]) or _reaches(args[1], args[0])):
                 stack = node.meta.get("nn_module_stack") or {}

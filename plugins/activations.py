@@ -30,7 +30,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradwatch import Diagnosis, GradBatch, GradWatchError, ModelInfo, Severity, StashKey, StatsWindow, StepContext, WatchConfig, hookimpl
+from gradwatch import (
+    Diagnosis,
+    GradBatch,
+    GradWatchError,
+    ModelInfo,
+    Severity,
+    StashKey,
+    StatsWindow,
+    StepContext,
+    WatchConfig,
+    hookimpl,
+)
 from gradwatch.plugins.vanishing import _validate
 
 _DEFAULTS: dict[str, Any] = {"dead": 0.9, "saturated": 0.9, "derivative": 0.01, "min_samples": 3, "window": 200}
@@ -141,7 +152,10 @@ def gradwatch_diagnose(window: StatsWindow, model: ModelInfo, ctx: StepContext) 
     # Sustained: the smallest fraction over the sampled steps in the window.
     low = torch.where(torch.isfinite(values), values, torch.ones_like(values)).amin(0)
     out = []
-    for kind, classes, limit in (("dead_units", ("ReLU", "ReLU6"), opts["dead"]), ("saturation", ("Sigmoid", "Tanh"), opts["saturated"])):
+    for kind, classes, limit in (
+        ("dead_units", ("ReLU", "ReLU6"), opts["dead"]),
+        ("saturation", ("Sigmoid", "Tanh"), opts["saturated"]),
+    ):
         cols = [
             k
             for k, t in enumerate(state.kinds)

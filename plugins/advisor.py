@@ -112,7 +112,12 @@ def gradwatch_advise(diagnosis: Diagnosis, model: ModelInfo, ctx: StepContext) -
     if kind == "vanishing" and ev.get("recurrent"):
         found += [_lstm_gru(diagnosis, root), _orthogonal(diagnosis, root)]
     elif kind == "vanishing":
-        found += [_relu(diagnosis, root, anat), _reinit(diagnosis, root, anat), _normalization(diagnosis, root, anat), _residual(diagnosis, root, anat)]
+        found += [
+            _relu(diagnosis, root, anat),
+            _reinit(diagnosis, root, anat),
+            _normalization(diagnosis, root, anat),
+            _residual(diagnosis, root, anat),
+        ]
     elif kind == "exploding":
         found += [_clipping(diagnosis, state), _lower_lr(diagnosis, state)]
         if ev.get("recurrent"):
@@ -193,10 +198,18 @@ def _relu(d: Diagnosis, root: nn.Module, anat: _anatomy.Anatomy, min_count: int 
     what = "/".join(types) if types else "sigmoid/tanh"
     fx = anat.fx_note
     if functional:
-        fx += "; functional " + ", ".join(f"{c} after {a!r}" for c, a in functional[:4]) + " must be changed to torch.relu in forward() by hand"
+        fx += (
+            "; functional "
+            + ", ".join(f"{c} after {a!r}" for c, a in functional[:4])
+            + " must be changed to torch.relu in forward() by hand"
+        )
     lines = [f"# replace the {len(targets)} {what} modules with ReLU and Kaiming-initialise the layers feeding them"]
     if targets:
-        lines += [f"for name in {targets!r}:", '    parent, _, child = name.rpartition(".")', "    setattr(model.get_submodule(parent), child, nn.ReLU())"]
+        lines += [
+            f"for name in {targets!r}:",
+            '    parent, _, child = name.rpartition(".")',
+            "    setattr(model.get_submodule(parent), child, nn.ReLU())",
+        ]
     if feeding:
         lines += [
             f"for name in {feeding!r}:",
@@ -254,7 +267,7 @@ def _normalization(d: Diagnosis, root: nn.Module, anat: _anatomy.Anatomy) -> Rem
         lines.append(_anatomy.setter(name, f'nn.Sequential(model.get_submodule("{name}"), {expr})'))
 
     def change(model: nn.Module) -> None:
-        for name, expr in exprs.items():
+        for name, _expr in exprs.items():
             layer = model.get_submodule(name)
             size = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
             norm = getattr(nn, _NORM_FOR[type(layer)])(size).to(layer.weight.device)
@@ -329,7 +342,11 @@ def _residual(d: Diagnosis, root: nn.Module, anat: _anatomy.Anatomy) -> Remedy |
         pairs[name] = act[0] if own else None
     lines = [_RESIDUAL_CLASS, "# identity paths around each shape-preserving layer and its activation"]
     for name, act in pairs.items():
-        inner = f'nn.Sequential(model.get_submodule("{name}"), model.get_submodule("{act}"))' if act else f'model.get_submodule("{name}")'
+        inner = (
+            f'nn.Sequential(model.get_submodule("{name}"), model.get_submodule("{act}"))'
+            if act
+            else f'model.get_submodule("{name}")'
+        )
         lines.append(_anatomy.setter(name, f"Residual({inner})"))
         if act:
             lines.append(_anatomy.setter(act, "nn.Identity()"))
@@ -341,8 +358,12 @@ def _residual(d: Diagnosis, root: nn.Module, anat: _anatomy.Anatomy) -> Remedy |
             if act:
                 _anatomy.replace(model, act, nn.Identity())
 
-    how = "torch.fx found no addition of a tensor to its own transform" if anat.residual_source == "fx" else (
-        f"no module looked residual to the module heuristic (class names and forward() source; fx could not trace: {anat.trace_error})"
+    how = (
+        "torch.fx found no addition of a tensor to its own transform"
+        if anat.residual_source == "fx"
+        else (
+            f"no module looked residual to the module heuristic (class names and forward() source; fx could not trace: {anat.trace_error})"
+        )
     )
     return Remedy(
         kind="residual",
@@ -526,7 +547,11 @@ def _leaky_relu(d: Diagnosis, root: nn.Module) -> Remedy | None:
     targets = [n for n in d.layers if n and isinstance(_get(root, n), nn.ReLU)]
     if not targets:
         return None
-    lines = [f"for name in {targets!r}:", '    parent, _, child = name.rpartition(".")', "    setattr(model.get_submodule(parent), child, nn.LeakyReLU(0.01))"]
+    lines = [
+        f"for name in {targets!r}:",
+        '    parent, _, child = name.rpartition(".")',
+        "    setattr(model.get_submodule(parent), child, nn.LeakyReLU(0.01))",
+    ]
 
     def change(model: nn.Module) -> None:
         for name in targets:
@@ -563,11 +588,17 @@ def _clipping(d: Diagnosis, state: AdvisorState) -> Remedy | None:
     q = state.clip_percentile
     quantiles = d.evidence.get("norm_quantiles") or {}
     if len(before) >= 3:
-        threshold, basis = _quantile(before, q), f"the {q:g}th percentile of the {len(before)} total norms measured before step {onset}"
+        threshold, basis = (
+            _quantile(before, q),
+            f"the {q:g}th percentile of the {len(before)} total norms measured before step {onset}",
+        )
     elif quantiles.get(f"p{q:g}") is not None and math.isfinite(quantiles[f"p{q:g}"]):
         threshold, basis = float(quantiles[f"p{q:g}"]), f"the {q:g}th percentile of the total norm reported by the detector"
     elif finite:
-        threshold, basis = _quantile([n for _, n in finite], 50), f"the median of the {len(finite)} finite total norms measured (none before the onset)"
+        threshold, basis = (
+            _quantile([n for _, n in finite], 50),
+            f"the median of the {len(finite)} finite total norms measured (none before the onset)",
+        )
     else:
         return None
     if not threshold > 0:
@@ -610,14 +641,16 @@ def _lower_lr(d: Diagnosis, state: AdvisorState, *, force: bool = False) -> Reme
     else:
         factor = 10.0
         why = "the update/weight ratio was not measured, so the factor is a first step of 10"
-    loss_note = f"; the loss grew ×{growth:.3g} from its low" if growth is not None and math.isfinite(growth) and growth > 1 else (
-        "; the loss became non-finite" if growth == math.inf else ""
+    loss_note = (
+        f"; the loss grew ×{growth:.3g} from its low"
+        if growth is not None and math.isfinite(growth) and growth > 1
+        else ("; the loss became non-finite" if growth == math.inf else "")
     )
     return Remedy(
         kind="lower_lr",
         title=f"Lower the learning rate by ×{factor:g}",
         rationale=f"{measured(d)}{loss_note}; {why}.",
-        snippet=f"for group in optimizer.param_groups:\n    group[\"lr\"] /= {factor:g}",
+        snippet=f'for group in optimizer.param_groups:\n    group["lr"] /= {factor:g}',
     )
 
 
@@ -626,7 +659,11 @@ def _too_big(state: AdvisorState) -> bool:
     if state.max_update_ratio is not None and state.max_update_ratio > 10 * state.target_update_ratio:
         return True
     finite = [v for v in state.losses if math.isfinite(v)]
-    return len(finite) >= 2 and min(finite[: max(1, len(finite) // 2)]) > 0 and max(finite) > 10 * min(finite[: max(1, len(finite) // 2)])
+    return (
+        len(finite) >= 2
+        and min(finite[: max(1, len(finite) // 2)]) > 0
+        and max(finite) > 10 * min(finite[: max(1, len(finite) // 2)])
+    )
 
 
 def _grew_before(d: Diagnosis, state: AdvisorState) -> bool:

@@ -66,7 +66,14 @@ STATUS = {
     "saturation": "saturated",
     "init_scale": "init",
 }
-_STATUS_STYLE = {"ok": "green", "vanishing": "yellow", "exploding": "red", "non-finite": "bold red", "dead": "magenta", "saturated": "magenta"}
+_STATUS_STYLE = {
+    "ok": "green",
+    "vanishing": "yellow",
+    "exploding": "red",
+    "non-finite": "bold red",
+    "dead": "magenta",
+    "saturated": "magenta",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,7 +347,9 @@ def _plain(console: Console) -> bool:
     return not console.is_terminal or not console.encoding.lower().startswith("utf")
 
 
-def flow_table(rows: Sequence[FlowRow] | Report, console: Console | None = None, *, title: str = "", options: Mapping[str, Any] | None = None) -> Table:
+def flow_table(
+    rows: Sequence[FlowRow] | Report, console: Console | None = None, *, title: str = "", options: Mapping[str, Any] | None = None
+) -> Table:
     """The gradient-flow table: one row per layer (or collapsed run) in forward order."""
     options = options or {}
     if isinstance(rows, Report):

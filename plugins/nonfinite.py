@@ -110,7 +110,9 @@ def gradwatch_configure(config: WatchConfig, ctx: StepContext) -> None:
         raise GradWatchError(f"unknown nonfinite option(s) {sorted(unknown)}; known: {sorted(_OPTIONS)}")
     mode = opts.get("outputs", "auto")
     if mode not in _MODES:
-        raise GradWatchError(f"nonfinite option outputs={mode!r} is not one of {_MODES}; use 'every_step' (exact) or 'sampled' (cheaper)")
+        raise GradWatchError(
+            f"nonfinite option outputs={mode!r} is not one of {_MODES}; use 'every_step' (exact) or 'sampled' (cheaper)"
+        )
     limit = opts.get("max_modules", 128)
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
         raise GradWatchError(f"nonfinite option max_modules must be a non-negative integer, got {limit!r}")
@@ -262,7 +264,13 @@ def gradwatch_diagnose(window: StatsWindow, model: ModelInfo, ctx: StepContext) 
                 "the first module in forward order to produce a non-finite value"
             )
         diagnosis = Diagnosis(
-            kind="nonfinite", severity=Severity.ERROR, step=out_step, layers=layers, message=message, evidence=evidence, source="nonfinite"
+            kind="nonfinite",
+            severity=Severity.ERROR,
+            step=out_step,
+            layers=layers,
+            message=message,
+            evidence=evidence,
+            source="nonfinite",
         )
     elif grad_step >= 0:
         name = window.layers[grad_layer]

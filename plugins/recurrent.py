@@ -236,8 +236,14 @@ def _gate_note(name: str, module: nn.RNNBase, state: RecurrentState, window: Sta
             f"the {gate} gate bias of {name!r} averages {b:.2g}, so at zero input a cell keeps σ({b:.2g})^{seq_len} = "
             f"{keep:.1e} of its memory over the {seq_len} steps seen; a larger bias keeps long-range gradients"
         ),
-        evidence={"recurrent": True, "module_type": type(module).__name__, "gate_bias": biases, "seq_len": seq_len, "keep": keep,
-                  "threshold": state.vanish_bound},
+        evidence={
+            "recurrent": True,
+            "module_type": type(module).__name__,
+            "gate_bias": biases,
+            "seq_len": seq_len,
+            "keep": keep,
+            "threshold": state.vanish_bound,
+        },
         source="recurrent",
     )
 

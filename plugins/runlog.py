@@ -95,7 +95,7 @@ def gradwatch_configure(config: WatchConfig, ctx: StepContext) -> None:
         return
     path = os.fspath(config.log)
     try:
-        file = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed in gradwatch_unconfigure
+        file = open(path, "w", encoding="utf-8")
     except OSError as exc:
         raise GradWatchError(f"cannot open the run log {path!r} ({exc.strerror}); pass log= a writable file path") from exc
     ctx.stash[KEY] = _State(path=path, file=file, steps=steps)
@@ -119,7 +119,9 @@ def gradwatch_report(report: Report, ctx: StepContext) -> None:
                     "report_every": config.report_every,
                     "stats_every": config.stats_every,
                     "sample_every": config.sample_every,
-                    "clip": config.clip if config.clip is None or isinstance(config.clip, (int, float, str)) else repr(config.clip),
+                    "clip": config.clip
+                    if config.clip is None or isinstance(config.clip, (int, float, str))
+                    else repr(config.clip),
                     "on_nonfinite": config.on_nonfinite,
                 },
             }
@@ -143,7 +145,13 @@ def gradwatch_report(report: Report, ctx: StepContext) -> None:
         names = window.layers
         bad = window.nonfinite > 0
         for i in bad.any(1).nonzero().flatten().tolist():
-            state.write({"type": "nonfinite", "step": int(window.steps[i]), "layers": [names[j] for j in bad[i].nonzero().flatten().tolist()]})
+            state.write(
+                {
+                    "type": "nonfinite",
+                    "step": int(window.steps[i]),
+                    "layers": [names[j] for j in bad[i].nonzero().flatten().tolist()],
+                }
+            )
     for action in report.actions:
         state.write({"type": "action", **action.to_dict()})
     for diagnosis in report.diagnoses:
@@ -151,7 +159,9 @@ def gradwatch_report(report: Report, ctx: StepContext) -> None:
     state.actions += len(report.actions)
     state.diagnoses += len(report.diagnoses)
     if report.final:
-        state.write({"type": "end", "step": report.step, "diagnoses": state.diagnoses, "actions": state.actions, "summary": summary})
+        state.write(
+            {"type": "end", "step": report.step, "diagnoses": state.diagnoses, "actions": state.actions, "summary": summary}
+        )
 
 
 @hookimpl
@@ -277,15 +287,23 @@ def read_log(path: str | os.PathLike[str]) -> RunLog:
         except json.JSONDecodeError as exc:
             if not whole:
                 if log is None:
-                    raise RunLogError(f"{path}:{number}: the header line was cut mid-write; the run log holds no record") from None
+                    raise RunLogError(
+                        f"{path}:{number}: the header line was cut mid-write; the run log holds no record"
+                    ) from None
                 log.cut_line = number
                 break
-            raise RunLogError(f"{path}:{number}: not JSON ({exc.msg} at column {exc.colno}); is this a gradwatch run log?") from None
+            raise RunLogError(
+                f"{path}:{number}: not JSON ({exc.msg} at column {exc.colno}); is this a gradwatch run log?"
+            ) from None
         if not isinstance(record, dict) or "type" not in record:
-            raise RunLogError(f"{path}:{number}: not a gradwatch record (a JSON object with a 'type'); is this a gradwatch run log?")
+            raise RunLogError(
+                f"{path}:{number}: not a gradwatch record (a JSON object with a 'type'); is this a gradwatch run log?"
+            )
         if log is None:
             if record["type"] != "header":
-                raise RunLogError(f"{path}:{number}: the first record is {record['type']!r}, not a header; is this a gradwatch run log?")
+                raise RunLogError(
+                    f"{path}:{number}: the first record is {record['type']!r}, not a header; is this a gradwatch run log?"
+                )
             schema = record.get("schema")
             if schema != SCHEMA_VERSION:
                 raise RunLogError(
@@ -299,14 +317,16 @@ def read_log(path: str | os.PathLike[str]) -> RunLog:
         except (KeyError, TypeError, ValueError) as exc:
             raise RunLogError(f"{path}:{number}: malformed {record['type']!r} record ({type(exc).__name__}: {exc})") from None
     if log is None:
-        raise RunLogError(f"{path}:1: the file is empty; the run wrote no report yet (reports come every report_every steps and at the end)")
+        raise RunLogError(
+            f"{path}:1: the file is empty; the run wrote no report yet (reports come every report_every steps and at the end)"
+        )
     return log
 
 
 def _add(log: RunLog, record: dict[str, Any]) -> None:
     kind = record["type"]
     if kind == "interval":
-        record["steps"], record["total_norm"], record["summary"]  # noqa: B018 - required fields
+        record["steps"], record["total_norm"], record["summary"]
         log.intervals.append(record)
     elif kind == "diagnosis":
         log.diagnoses.append(Diagnosis.from_dict(record["diagnosis"]))
@@ -317,4 +337,3 @@ def _add(log: RunLog, record: dict[str, Any]) -> None:
     elif kind == "end":
         log.end = record
     # Unknown types are skipped: later versions may add records.
-

@@ -4,8 +4,8 @@ import os
 # 2-core machine; subprocesses inherit this.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 torch.set_num_threads(1)
 

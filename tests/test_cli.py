@@ -121,7 +121,9 @@ def test_plot_without_matplotlib_says_how_to_install(run, tmp_path):
     code = "import sys; sys.modules['matplotlib'] = None; from gradwatch.cli import main; sys.exit(main(sys.argv[1:]))"
     result = gradwatch_cli("plot", str(path), "-o", str(tmp_path / "x.png"), code=code)
     assert result.returncode == 2
-    assert result.stderr.strip() == "gradwatch: error: gradwatch plot needs matplotlib; install it with: pip install gradwatch[plot]"
+    assert (
+        result.stderr.strip() == "gradwatch: error: gradwatch plot needs matplotlib; install it with: pip install gradwatch[plot]"
+    )
     assert not (tmp_path / "x.png").exists()
 
 

@@ -72,7 +72,9 @@ def test_every_rank_takes_the_same_clipping_decision(tmp_path):
     port = _free_port()
     env = {**os.environ, "GRADWATCH_DISABLE_PLUGIN_AUTOLOAD": "1", "OMP_NUM_THREADS": "1"}
     procs = [
-        subprocess.Popen([sys.executable, __file__, str(rank), "2", str(port), str(tmp_path)], env=env, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, __file__, str(rank), "2", str(port), str(tmp_path)], env=env, stderr=subprocess.PIPE, text=True
+        )
         for rank in range(2)
     ]
     errors = [p.communicate(timeout=240)[1] for p in procs]

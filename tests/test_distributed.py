@@ -95,9 +95,9 @@ def _fsdp_worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
                 with torch.no_grad():
                     after = {n: p.full_tensor() for n, p in model.named_parameters()}
                 expected_ratio.append([
-                    torch.sqrt(sum((after[f"{l}.{k}"] - before[f"{l}.{k}"]).pow(2).sum() for k in ("weight", "bias")))
-                    / torch.sqrt(sum(before[f"{l}.{k}"].pow(2).sum() for k in ("weight", "bias")))
-                    for l in ("linear1", "linear2")
+                    torch.sqrt(sum((after[f"{layer}.{k}"] - before[f"{layer}.{k}"]).pow(2).sum() for k in ("weight", "bias")))
+                    / torch.sqrt(sum(before[f"{layer}.{k}"].pow(2).sum() for k in ("weight", "bias")))
+                    for layer in ("linear1", "linear2")
                 ])  # fmt: skip
                 opt.zero_grad()
         torch.save(

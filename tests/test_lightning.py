@@ -353,7 +353,9 @@ class GAN(pl.LightningModule):
         self.manual_backward(g_loss)
         self.g_norms.append(self._norm(self.generator))
         g_opt.step()
-        d_loss = (nn.functional.softplus(-self.discriminator(real)) + nn.functional.softplus(self.discriminator(fake.detach()))).mean()
+        d_loss = (
+            nn.functional.softplus(-self.discriminator(real)) + nn.functional.softplus(self.discriminator(fake.detach()))
+        ).mean()
         d_opt.zero_grad()
         self.manual_backward(d_loss)
         self.d_norms.append(self._norm(self.discriminator))
@@ -575,8 +577,16 @@ def test_lightning_pytorch_package(tmp_path: Path) -> None:
     cb = LightningGradWatch(report=False, stats_every=1)
     logger = L.loggers.CSVLogger(tmp_path, name="csv")
     L.Trainer(
-        callbacks=[cb], max_steps=3, logger=logger, log_every_n_steps=1, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu", devices=1,
+        callbacks=[cb],
+        max_steps=3,
+        logger=logger,
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
     ).fit(LRegressor(), loader())
     rows = read_csv(logger)
     assert list(column(rows, "grad/norm_total").values()) == pytest.approx(cb.watchers[0].history.total_norm.tolist(), rel=1e-6)
@@ -631,5 +641,9 @@ def test_watcher_params_filter_used_per_optimizer() -> None:
     second.step()
     first.detach()
     second.detach()
-    assert first.history.total_norm.tolist() == pytest.approx([torch.cat([p.grad.flatten() for p in model[0].parameters()]).norm().item()])
-    assert second.history.total_norm.tolist() == pytest.approx([torch.cat([p.grad.flatten() for p in model[2].parameters()]).norm().item()])
+    assert first.history.total_norm.tolist() == pytest.approx(
+        [torch.cat([p.grad.flatten() for p in model[0].parameters()]).norm().item()]
+    )
+    assert second.history.total_norm.tolist() == pytest.approx(
+        [torch.cat([p.grad.flatten() for p in model[2].parameters()]).norm().item()]
+    )

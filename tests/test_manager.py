@@ -5,12 +5,12 @@ from __future__ import annotations
 import importlib.metadata
 import sys
 import textwrap
-import tomllib
 import types
 import warnings
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 
 import gradwatch

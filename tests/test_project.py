@@ -25,6 +25,7 @@ def test_readme_starts_with_demo_and_test_commands() -> None:
         assert command.index("torch==2.13.0") < command.index('-e ".[dev]"')
     assert demo.endswith("examples/quickstart.py")
     assert tests.endswith("-m pytest -q")
+    assert "ruff check . && .venv/bin/ruff format --check ." in tests, "the style holds by itself: the test command lints"
 
 
 def test_ci_runs_exactly_the_readme_test_command() -> None:
@@ -80,6 +81,6 @@ def test_wheel_ships_plugins_only_under_gradwatch(tmp_path) -> None:
 
 
 def test_bare_plugins_import_is_refused() -> None:
-    code = "import sys; sys.path.insert(0, %r); import plugins" % str(ROOT)
+    code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); import plugins"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode != 0 and "must be imported as 'gradwatch.plugins'" in proc.stderr

@@ -40,7 +40,14 @@ class Branchy(nn.Module):
 
 def _reference(model: nn.Module, layers: list[tuple[str, nn.Module, list[str]]]) -> dict[str, list[float]]:
     """Per-layer statistics computed the plain way, one parameter at a time, in float64."""
-    out: dict[str, list[float]] = {"grad_norm": [], "grad_rms": [], "grad_max": [], "nonfinite": [], "present": [], "weight_norm": []}
+    out: dict[str, list[float]] = {
+        "grad_norm": [],
+        "grad_rms": [],
+        "grad_max": [],
+        "nonfinite": [],
+        "present": [],
+        "weight_norm": [],
+    }
     for _, module, names in layers:
         params = [module.get_parameter(n) for n in names]
         grads = [p.grad for p in params if p.grad is not None]

@@ -97,5 +97,7 @@ def test_installed_distribution_is_autoloaded(tmp_path) -> None:
     # With autoload off, the same installation is not loaded.
     env["GRADWATCH_DISABLE_PLUGIN_AUTOLOAD"] = "1"
     listing = "import json, gradwatch; from gradwatch.manager import make_plugin_manager; print(json.dumps([n for n, _ in make_plugin_manager().list_name_plugin()]))"
-    names = json.loads(subprocess.run([sys.executable, "-c", listing], env=env, capture_output=True, text=True, check=True).stdout)
+    names = json.loads(
+        subprocess.run([sys.executable, "-c", listing], env=env, capture_output=True, text=True, check=True).stdout
+    )
     assert "console" in names and "layercount" not in names

@@ -20,7 +20,9 @@ import gradwatch
 from gradwatch.testing import TinyModel, relu_mlp
 
 
-def _fit(model: nn.Module, opt: torch.optim.Optimizer | None, steps: int, gw: gradwatch.Watcher | None = None, d_in: int = 8) -> None:
+def _fit(
+    model: nn.Module, opt: torch.optim.Optimizer | None, steps: int, gw: gradwatch.Watcher | None = None, d_in: int = 8
+) -> None:
     for _ in range(steps):
         model(torch.randn(4, d_in)).float().pow(2).mean().backward()
         if opt is not None:
@@ -224,7 +226,10 @@ def test_two_watchers_do_not_share_state() -> None:
     gen, disc = TinyModel(8, 16, 8), TinyModel(8, 16, 1)
     opt_g = torch.optim.SGD(gen.parameters(), lr=0.01)
     opt_d = torch.optim.SGD(disc.parameters(), lr=0.01)
-    with gradwatch.watch(gen, opt_g, stats_every=1, report=False) as gw_g, gradwatch.watch(disc, opt_d, stats_every=1, report=False) as gw_d:
+    with (
+        gradwatch.watch(gen, opt_g, stats_every=1, report=False) as gw_g,
+        gradwatch.watch(disc, opt_d, stats_every=1, report=False) as gw_d,
+    ):
         for _ in range(3):
             disc(gen(torch.randn(4, 8)).detach()).mean().backward()
             opt_d.step()

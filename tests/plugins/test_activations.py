@@ -17,7 +17,9 @@ CONTRACT = {"fraction", "activation", "threshold", "steps_seen"}
 
 def _run(model, steps, **kw):
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    with gradwatch.watch(model, opt, console=Console(file=io.StringIO()), strict=True, report_every=12, sample_every=4, **kw) as gw:
+    with gradwatch.watch(
+        model, opt, console=Console(file=io.StringIO()), strict=True, report_every=12, sample_every=4, **kw
+    ) as gw:
         train(model, steps, optimizer=opt, watcher=gw)
     return gw
 

@@ -30,7 +30,9 @@ def _one_thread():
 
 def _watcher(model, steps=0, batches=None, lr=0.01, **kw):
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    gw = gradwatch.watch(model, opt, strict=True, autoload=False, report=False, report_every=4, console=Console(file=io.StringIO()), **kw)
+    gw = gradwatch.watch(
+        model, opt, strict=True, autoload=False, report=False, report_every=4, console=Console(file=io.StringIO()), **kw
+    )
     if steps:
         train(model, steps, batches=batches, optimizer=opt, watcher=gw)
         gw.report()
@@ -44,16 +46,44 @@ def advise(gw, diagnosis):
 
 def vanishing(layers=("0",), ratio=2.5e-9, depth=20):
     return Diagnosis(
-        kind="vanishing", severity=Severity.WARNING, step=3, layers=layers, message="vanishing", source="vanishing",
-        evidence={"ratio": ratio, "decay_per_layer": 0.35, "depth": depth, "signal": "backprop", "early_rms": 1e-9, "late_rms": 0.4, "threshold": 1e-3},
+        kind="vanishing",
+        severity=Severity.WARNING,
+        step=3,
+        layers=layers,
+        message="vanishing",
+        source="vanishing",
+        evidence={
+            "ratio": ratio,
+            "decay_per_layer": 0.35,
+            "depth": depth,
+            "signal": "backprop",
+            "early_rms": 1e-9,
+            "late_rms": 0.4,
+            "threshold": 1e-3,
+        },
     )
 
 
 def exploding(step=10, **extra):
-    evidence = {"total_norm": 5e3, "z_score": 9.0, "onset": step, "growth_per_step": 1.4,
-                "norm_quantiles": {"p50": 1.0, "p90": 2.0, "p99": 50.0}, "update_ratio": None, "loss_diverging": None}
+    evidence = {
+        "total_norm": 5e3,
+        "z_score": 9.0,
+        "onset": step,
+        "growth_per_step": 1.4,
+        "norm_quantiles": {"p50": 1.0, "p90": 2.0, "p99": 50.0},
+        "update_ratio": None,
+        "loss_diverging": None,
+    }
     evidence.update(extra)
-    return Diagnosis(kind="exploding", severity=Severity.ERROR, step=step, layers=("0",), message="exploding", source="exploding", evidence=evidence)
+    return Diagnosis(
+        kind="exploding",
+        severity=Severity.ERROR,
+        step=step,
+        layers=("0",),
+        message="exploding",
+        source="exploding",
+        evidence=evidence,
+    )
 
 
 def check_snippets(model, remedies, x, loss=lambda out: out.float().pow(2).mean()):
@@ -63,7 +93,7 @@ def check_snippets(model, remedies, x, loss=lambda out: out.float().pow(2).mean(
         assert remedy.snippet, remedy.kind
         clone = copy.deepcopy(model)
         ns = {"model": clone, "torch": torch, "nn": nn, "optimizer": torch.optim.SGD(clone.parameters(), lr=0.1)}
-        exec(remedy.snippet, ns)  # noqa: S102 - the point of the test
+        exec(remedy.snippet, ns)
         loss(ns["model"](x)).backward()
         if remedy.apply is not None:
             other = copy.deepcopy(model)
@@ -127,7 +157,7 @@ def test_reinit_apply_restores_kaiming_scale():
     assert "kaiming" in reinit.title.lower() and "0.707" not in reinit.rationale
     assert "measured vs" in reinit.rationale
     fixed = reinit.apply(copy.deepcopy(model))
-    for name, m in fixed.named_modules():
+    for _name, m in fixed.named_modules():
         if isinstance(m, nn.Linear) and m.out_features > 1:
             assert m.weight.std().item() == pytest.approx(math.sqrt(2 / m.in_features), rel=0.1)
     # The init plugin no longer complains about the repaired copy.
@@ -150,9 +180,21 @@ def test_hook_advise_lstm_gru_with_forget_bias():
     model = vanilla_rnn(radius=0.5)
     gw = _watcher(model)
     d = Diagnosis(
-        kind="vanishing", severity=Severity.WARNING, step=0, layers=("rnn",), message="rnn vanishing", source="recurrent",
-        evidence={"recurrent": True, "module_type": "RNN", "spectral_radius": {"weight_hh_l0": 0.5}, "max_derivative": 1.0,
-                  "gain": 0.5, "seq_len": 100, "bound": 0.5**100},
+        kind="vanishing",
+        severity=Severity.WARNING,
+        step=0,
+        layers=("rnn",),
+        message="rnn vanishing",
+        source="recurrent",
+        evidence={
+            "recurrent": True,
+            "module_type": "RNN",
+            "spectral_radius": {"weight_hh_l0": 0.5},
+            "max_derivative": 1.0,
+            "gain": 0.5,
+            "seq_len": 100,
+            "bound": 0.5**100,
+        },
     )
     remedies = advise(gw, d)
     gw.detach()
@@ -260,8 +302,15 @@ def test_hook_advise_untraceable_model_says_so():
 def test_hook_advise_init_scale_and_dead_units():
     model = relu_mlp(depth=8, init="lecun")
     gw = _watcher(model)
-    d = Diagnosis(kind="dead_units", severity=Severity.WARNING, step=0, layers=("1", "3"), message="dead", source="activations",
-                  evidence={"fraction": {"1": 0.9, "3": 0.8}, "activation": "ReLU", "threshold": 0.7, "steps_seen": 3})
+    d = Diagnosis(
+        kind="dead_units",
+        severity=Severity.WARNING,
+        step=0,
+        layers=("1", "3"),
+        message="dead",
+        source="activations",
+        evidence={"fraction": {"1": 0.9, "3": 0.8}, "activation": "ReLU", "threshold": 0.7, "steps_seen": 3},
+    )
     remedies = advise(gw, d)
     assert remedies[0].kind == "leaky_relu" and "90% of the units of '1' dead" in remedies[0].rationale
     check_snippets(model, remedies, torch.randn(4, 16))
@@ -271,7 +320,11 @@ def test_hook_advise_init_scale_and_dead_units():
 
 @pytest.mark.parametrize(
     ("options", "match"),
-    [({"clip_percentile": 0}, "clip_percentile"), ({"target_update_ratio": 2}, "target_update_ratio"), ({"x": 1}, "unknown advisor option")],
+    [
+        ({"clip_percentile": 0}, "clip_percentile"),
+        ({"target_update_ratio": 2}, "target_update_ratio"),
+        ({"x": 1}, "unknown advisor option"),
+    ],
 )
 def test_hook_configure_rejects_bad_options(options, match):
     with pytest.raises(gradwatch.GradWatchError, match=match):

@@ -533,6 +533,7 @@ def test_hook_act_reads_nothing_on_the_host(monkeypatch, clip):
         for p in model.parameters():
             p.grad = torch.ones_like(p)
         gw.step()  # the first step builds the plan and the caches
+
         def sync(*args, **kwargs):
             raise AssertionError("host read in the clipping hot path")
 

@@ -41,8 +41,6 @@ def _others() -> list[str]:
     return [name for name in BUILTIN_PLUGINS if name not in ONLY]
 
 
-
-
 class Fixed:
     """Makes the given diagnoses at the report of step ``at`` (or at the end), with one remedy each."""
 
@@ -117,7 +115,15 @@ def test_hook_gradwatch_report_numbers_match_plain_torch():
     console, catch = _console(), ReportCatcher()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     with gradwatch.watch(
-        model, opt, stats_every=1, sample_every=1, report_every=100, console=console, plugins=[catch], disable=_others(), autoload=False
+        model,
+        opt,
+        stats_every=1,
+        sample_every=1,
+        report_every=100,
+        console=console,
+        plugins=[catch],
+        disable=_others(),
+        autoload=False,
     ):
         train(model, 7, batches=regression_batches(d_in=8, d_out=2, batch=16), optimizer=opt)
 
@@ -265,7 +271,11 @@ def test_report_false_prints_nothing(tiny_model):
 
 @pytest.mark.parametrize(
     ("options", "match"),
-    [({"colour": True}, "unknown console option"), ({"quiet": "yes"}, "'quiet' takes True or False"), ({"max_rows": 0}, "'max_rows' takes a positive")],
+    [
+        ({"colour": True}, "unknown console option"),
+        ({"quiet": "yes"}, "'quiet' takes True or False"),
+        ({"max_rows": 0}, "'max_rows' takes a positive"),
+    ],
 )
 def test_hook_gradwatch_configure_rejects_bad_options(tiny_model, options, match):
     with pytest.raises(GradWatchError, match=match):
@@ -298,7 +308,14 @@ def _rows(names_and_status, norm=1.0):
 def test_collapse_repeated_blocks():
     rows = _rows([(f"blocks.{i}.{part}", "ok") for i in range(30) for part in ("fc1", "fc2")])
     out = console_plugin.collapse(rows, max_rows=40)
-    assert [r.name for r in out] == ["blocks.0.fc1", "blocks.0.fc2", "blocks.1–28.fc1", "blocks.1–28.fc2", "blocks.29.fc1", "blocks.29.fc2"]
+    assert [r.name for r in out] == [
+        "blocks.0.fc1",
+        "blocks.0.fc2",
+        "blocks.1–28.fc1",
+        "blocks.1–28.fc2",
+        "blocks.29.fc1",
+        "blocks.29.fc2",
+    ]
     assert out[2].count == 28 and out[2].grad_norm == statistics.median(r.grad_norm for r in rows[2:58:2])
     assert console_plugin.collapse(rows, max_rows=60) == rows  # short enough: nothing collapses
 

@@ -24,7 +24,9 @@ def _one_thread():
 
 def _run(model, steps=4, batches=None, **kw):
     opt = torch.optim.SGD(model.parameters(), lr=0.001)
-    with gradwatch.watch(model, opt, strict=True, autoload=False, report_every=4, console=Console(file=io.StringIO()), **kw) as gw:
+    with gradwatch.watch(
+        model, opt, strict=True, autoload=False, report_every=4, console=Console(file=io.StringIO()), **kw
+    ) as gw:
         train(model, steps, batches=batches, optimizer=opt, watcher=gw)
     return [d for d in gw.diagnoses if d.source == "init"]
 
@@ -76,7 +78,9 @@ def test_hook_diagnose_normalised_nets_are_quiet():
 def test_shallow_default_init_is_at_most_info():
     # PyTorch's default Linear init is ×0.41 of Kaiming for ReLU: three such layers are not an emergency.
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1))
+    model = nn.Sequential(
+        nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1)
+    )
     found = _run(model)
     assert all(d.severity.value == "info" for d in found)
 

@@ -27,7 +27,9 @@ def _one_thread():
 
 def _run(model, steps=8, seq_len=100, **kw):
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    with gradwatch.watch(model, opt, strict=True, autoload=False, report_every=4, console=Console(file=io.StringIO()), **kw) as gw:
+    with gradwatch.watch(
+        model, opt, strict=True, autoload=False, report_every=4, console=Console(file=io.StringIO()), **kw
+    ) as gw:
         train(model, steps, batches=sequence_batches(seq_len=seq_len, batch=8), optimizer=opt, watcher=gw)
     return gw
 
@@ -63,13 +65,15 @@ def test_hook_diagnose_lstm_forget_gate_note_only():
     assert (d.kind, d.severity.value, d.layers) == ("forget_gate", "info", ("rnn",))
     b = (model.rnn.bias_ih_l0[32:64] + model.rnn.bias_hh_l0[32:64]).double().mean().item()
     assert d.evidence["gate_bias"]["l0"] == pytest.approx(b, abs=1e-3)  # after 8 small steps
-    assert d.evidence["keep"] == pytest.approx(torch.sigmoid(torch.tensor(d.evidence["gate_bias"]["l0"], dtype=torch.float64)).item() ** 100)
+    assert d.evidence["keep"] == pytest.approx(
+        torch.sigmoid(torch.tensor(d.evidence["gate_bias"]["l0"], dtype=torch.float64)).item() ** 100
+    )
     (remedy,) = d.remedies
     assert remedy.kind == "lstm_gru" and "forget-gate bias of 'rnn' to 4.6" in remedy.title
     fixed = remedy.apply(copy.deepcopy(model))
     assert torch.all(fixed.rnn.bias_ih_l0[32:64] == 4.6) and torch.all(fixed.rnn.bias_hh_l0[32:64] == 0)
     ns = {"model": copy.deepcopy(model), "torch": torch, "nn": nn}
-    exec(remedy.snippet, ns)  # noqa: S102
+    exec(remedy.snippet, ns)
     assert torch.all(ns["model"].rnn.bias_ih_l0[32:64] == 4.6)
     # With that bias the note is gone: the remedy fixes what was measured.
     assert _from(_run(fixed)) == []
@@ -162,7 +166,7 @@ def test_probe_installed_only_on_sampled_steps():
     # Counted during each forward (the step closes, and probes are scheduled, as the forward starts).
     model.head.register_forward_pre_hook(lambda m, a: counts.append(len(model.rnn._forward_hooks)))
     with gradwatch.watch(model, opt, autoload=False, report=False, stats_every=2, sample_every=4) as gw:
-        for step in range(8):
+        for _step in range(8):
             x, y = next(batches)
             nn.functional.mse_loss(model(x), y).backward()
             opt.step()
@@ -207,7 +211,10 @@ def test_two_watchers_keep_their_own_state():
     opts = [torch.optim.SGD(m.parameters(), lr=0.01) for m in (rnn, lstm)]
     batches = sequence_batches(seq_len=30, batch=8)
     quiet = dict(autoload=False, report=False, strict=True, report_every=4)
-    with gradwatch.watch(rnn, opts[0], **quiet) as a, gradwatch.watch(lstm, opts[1], options={"recurrent": {"vanish_bound": 1e-3}}, **quiet) as b:
+    with (
+        gradwatch.watch(rnn, opts[0], **quiet) as a,
+        gradwatch.watch(lstm, opts[1], options={"recurrent": {"vanish_bound": 1e-3}}, **quiet) as b,
+    ):
         for _ in range(4):
             x, y = next(batches)
             for model, opt in zip((rnn, lstm), opts):

@@ -37,8 +37,6 @@ def _records(path) -> list[dict]:
     return [json.loads(line) for line in text.splitlines()]
 
 
-
-
 def test_interval_records_match_plain_torch(tmp_path):
     torch.manual_seed(0)
     model = TinyModel()
@@ -51,14 +49,18 @@ def test_interval_records_match_plain_torch(tmp_path):
     for _ in range(12):
         x, y = next(batches)
         torch.nn.functional.mse_loss(reference(x), y).backward()
-        layer_norms.append([torch.cat([p.grad.flatten() for p in m.parameters()]).norm().item() for m in (reference.linear1, reference.linear2)])
+        layer_norms.append(
+            [torch.cat([p.grad.flatten() for p in m.parameters()]).norm().item() for m in (reference.linear1, reference.linear2)]
+        )
         totals.append(torch.cat([p.grad.flatten() for p in reference.parameters()]).norm().item())
         opt.step()
         opt.zero_grad()
 
     log, catch = tmp_path / "run.jsonl", ReportCatcher()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    with gradwatch.watch(model, opt, stats_every=1, sample_every=1, report_every=5, log=log, console=_quiet(), plugins=[catch], autoload=False):
+    with gradwatch.watch(
+        model, opt, stats_every=1, sample_every=1, report_every=5, log=log, console=_quiet(), plugins=[catch], autoload=False
+    ):
         train(model, 12, batches=regression_batches(d_in=8, d_out=2, batch=16), optimizer=opt)
 
     records = _records(log)
@@ -109,20 +111,35 @@ class Events:
 def test_event_records_round_trip(tmp_path, tiny_model):
     log = tmp_path / "run.jsonl"
     opt = torch.optim.SGD(tiny_model.parameters(), lr=0.01)
-    with gradwatch.watch(tiny_model, opt, report_every=4, log=log, console=_quiet(), plugins=[Events()], autoload=False, disable=_detectors()):
+    with gradwatch.watch(
+        tiny_model, opt, report_every=4, log=log, console=_quiet(), plugins=[Events()], autoload=False, disable=_detectors()
+    ):
         train(tiny_model, 6, batches=regression_batches(d_in=8, d_out=2), optimizer=opt)
     records = _records(log)
     kinds = [r["type"] for r in records]
     assert kinds.count("diagnosis") == 1 and kinds.count("action") == 2
     clip = next(r for r in records if r["type"] == "action")
-    assert clip == {"type": "action", "kind": "clip", "step": 1, "evidence": {"norm": 3.0, "threshold": 1.0, "coefficient": 1 / 3}, "source": "events"}
+    assert clip == {
+        "type": "action",
+        "kind": "clip",
+        "step": 1,
+        "evidence": {"norm": 3.0, "threshold": 1.0, "coefficient": 1 / 3},
+        "source": "events",
+    }
     diag = next(r for r in records if r["type"] == "diagnosis")
     assert diag["step"] == 2 and diag["at"] == 3 and diag["diagnosis"]["evidence"]["z_score"] == "inf"
 
     read = runlog.read_log(log)
     (d,) = read.diagnoses
     e = Events.diagnosis
-    assert (d.kind, d.severity, d.step, d.layers, d.message, d.source) == (e.kind, e.severity, e.step, e.layers, e.message, e.source)
+    assert (d.kind, d.severity, d.step, d.layers, d.message, d.source) == (
+        e.kind,
+        e.severity,
+        e.step,
+        e.layers,
+        e.message,
+        e.source,
+    )
     assert d.evidence == {"total_norm": 12.5, "z_score": "inf", "norm_quantiles": {"p50": 1.0}}
     assert read.diagnoses[0].remedies[0].title == "Clip at 1.0"
     assert [(a.kind, a.step) for a in read.actions] == [("clip", 1), ("skip", 3)]
@@ -150,7 +167,9 @@ def test_nonfinite_records_and_nan_as_null(tmp_path):
     assert all(v is None for v in interval["grad_norm"][3]) and interval["total_norm"][3] is None
     steps, norms, totals = runlog.read_log(log).steps()
     assert math.isnan(norms[3][0]) and math.isnan(totals[3]) and math.isfinite(norms[2][0])
-    assert interval["summary"][0]["status"] == "non-finite" and interval["summary"][0]["nonfinite"] == 4  # weight and bias, two steps
+    assert (
+        interval["summary"][0]["status"] == "non-finite" and interval["summary"][0]["nonfinite"] == 4
+    )  # weight and bias, two steps
 
 
 def test_flushed_on_every_write_and_closed_at_detach(tmp_path, tiny_model):
@@ -194,7 +213,9 @@ def test_bad_path_and_options_fail_before_training(tmp_path, tiny_model):
 def test_steps_false_keeps_summaries_only(tmp_path, tiny_model):
     log = tmp_path / "run.jsonl"
     opt = torch.optim.SGD(tiny_model.parameters(), lr=0.01)
-    with gradwatch.watch(tiny_model, opt, report_every=4, log=log, console=_quiet(), autoload=False, options={"runlog": {"steps": False}}):
+    with gradwatch.watch(
+        tiny_model, opt, report_every=4, log=log, console=_quiet(), autoload=False, options={"runlog": {"steps": False}}
+    ):
         train(tiny_model, 8, batches=regression_batches(d_in=8, d_out=2), optimizer=opt)
     intervals = [r for r in _records(log) if r["type"] == "interval"]
     assert intervals and all("grad_norm" not in r for r in intervals)
@@ -236,7 +257,11 @@ def test_read_log_truncated_last_line(tmp_path):
     ],
 )
 def test_read_log_errors_name_the_line(tmp_path, lines, newline, message):
-    path = _write(tmp_path / "run.jsonl", *lines, newline=newline) if lines else str((tmp_path / "run.jsonl").touch() or tmp_path / "run.jsonl")
+    path = (
+        _write(tmp_path / "run.jsonl", *lines, newline=newline)
+        if lines
+        else str((tmp_path / "run.jsonl").touch() or tmp_path / "run.jsonl")
+    )
     with pytest.raises(runlog.RunLogError) as info:
         runlog.read_log(path)
     assert str(info.value).startswith(path + message) and "\n" not in str(info.value)

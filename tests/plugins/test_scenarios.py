@@ -233,8 +233,17 @@ class _Tuple(nn.Module):
 
 def _run_raw(model, steps, make_batch, loss_fn, optimizer):
     console = Console(file=io.StringIO(), width=120)
-    with gradwatch.watch(model, optimizer, autoload=False, report_every=4, sample_every=4, stats_every=2, console=console, strict=True,
-                         plugins=detectors_not_registered()) as gw:
+    with gradwatch.watch(
+        model,
+        optimizer,
+        autoload=False,
+        report_every=4,
+        sample_every=4,
+        stats_every=2,
+        console=console,
+        strict=True,
+        plugins=detectors_not_registered(),
+    ) as gw:
         for _ in range(steps):
             loss = loss_fn(model(make_batch()))
             loss.backward()
@@ -256,7 +265,9 @@ def test_bad_input_tied_sparse_embedding_dict_output():
     model = _Tied()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     g = torch.Generator().manual_seed(0)
-    gw = _run_raw(model, 9, lambda: torch.randint(0, 50, (4, 12), generator=g), lambda out: out["logits"].logsumexp(1).mean(), opt)
+    gw = _run_raw(
+        model, 9, lambda: torch.randint(0, 50, (4, 12), generator=g), lambda out: out["logits"].logsumexp(1).mean(), opt
+    )
     assert gw.step_count == 9 and gw.host.failed == {}
 
 
@@ -280,16 +291,32 @@ def test_bad_input_advice_runs(make):
     torch.manual_seed(0)
     model = make()
     gw = gradwatch.watch(model, autoload=False, report=False, strict=True, plugins=detectors_not_registered())
-    evidence = {"ratio": 1e-6, "decay_per_layer": 0.3, "depth": 3, "signal": "backprop", "total_norm": 1e4, "z_score": 8.0,
-                "onset": 0, "growth_per_step": 2.0, "norm_quantiles": {"p50": 1.0, "p90": 2.0, "p99": 3.0}, "update_ratio": 0.5, "loss_diverging": True}
+    evidence = {
+        "ratio": 1e-6,
+        "decay_per_layer": 0.3,
+        "depth": 3,
+        "signal": "backprop",
+        "total_norm": 1e4,
+        "z_score": 8.0,
+        "onset": 0,
+        "growth_per_step": 2.0,
+        "norm_quantiles": {"p50": 1.0, "p90": 2.0, "p99": 3.0},
+        "update_ratio": 0.5,
+        "loss_diverging": True,
+    }
     names = [n for n, _ in model.named_modules() if n]
     x = torch.randint(0, 50, (4, 12)) if make is _Tied else torch.randn(8, 16)
     for kind in ("vanishing", "exploding", "saturation", "dead_units", "init_scale"):
         d = Diagnosis(kind=kind, severity=Severity.WARNING, step=0, layers=tuple(names[:2]), message=kind, evidence=evidence)
         for remedy in gw._advise(d, gw._ctx()):
             clone = copy.deepcopy(model)
-            ns = {"model": clone, "torch": torch, "nn": nn, "optimizer": torch.optim.SGD([p for p in clone.parameters() if p.requires_grad], lr=0.1)}
-            exec(remedy.snippet, ns)  # noqa: S102
+            ns = {
+                "model": clone,
+                "torch": torch,
+                "nn": nn,
+                "optimizer": torch.optim.SGD([p for p in clone.parameters() if p.requires_grad], lr=0.1),
+            }
+            exec(remedy.snippet, ns)
             out = ns["model"](x)
             first = out["logits"] if isinstance(out, dict) else out[0] if isinstance(out, tuple) else out
             first.float().pow(2).mean().backward()

@@ -43,7 +43,11 @@ def test_hook_gradwatch_diagnose_lecun_relu_vanishes_kaiming_does_not():
     assert d.layers[0] == "0" and len(d.layers) >= 10
     gw, kaiming = _run(relu_mlp(depth=30, init="kaiming"), 24)
     assert kaiming == []
-    bad = [x for x in gw.diagnoses if x.severity >= gradwatch.Severity.WARNING and x.source in ("vanishing", "exploding", "nonfinite", "activations")]
+    bad = [
+        x
+        for x in gw.diagnoses
+        if x.severity >= gradwatch.Severity.WARNING and x.source in ("vanishing", "exploding", "nonfinite", "activations")
+    ]
     assert bad == []
 
 
