@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from gradwatch.clip import AGC, AutoClip, ClipNorm, ZClip
+from gradwatch.config import WatchConfig
 from gradwatch.hookspecs import hookimpl, hookspec
 from gradwatch.stash import Stash, StashKey
 from gradwatch.stats import GradBatch
@@ -25,7 +26,6 @@ from gradwatch.types import (
     Severity,
     StatsWindow,
     StepContext,
-    WatchConfig,
 )
 from gradwatch.watch import Watcher, watch
 

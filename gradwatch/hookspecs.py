@@ -25,8 +25,9 @@ if TYPE_CHECKING:
     import torch
     from rich.console import Console
 
+    from gradwatch.config import WatchConfig
     from gradwatch.stats import GradBatch
-    from gradwatch.types import Action, Diagnosis, ModelInfo, Remedy, Report, StatsWindow, StepContext, WatchConfig
+    from gradwatch.types import Action, Diagnosis, ModelInfo, Remedy, Report, StatsWindow, StepContext
 
 __all__ = ["hookspec", "hookimpl", "PROJECT_NAME"]
 

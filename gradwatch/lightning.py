@@ -23,18 +23,19 @@ gradients exist.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import io
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from gradwatch.config import WatchConfig
 from gradwatch.hookspecs import hookimpl
-from gradwatch.types import Diagnosis, GradWatchError, GradWatchWarning, WatchConfig
+from gradwatch.manager import plugin_manager
+from gradwatch.types import Diagnosis, GradWatchError, GradWatchWarning
 from gradwatch.watch import Watcher
 
 if TYPE_CHECKING:
@@ -94,32 +95,20 @@ class GradWatchCallback:
     the host reads the statistics).
 
     Args:
-        report_every: Optimizer steps between host reads of the statistics, diagnoses
-            and reports.
-        stats_every: Optimizer steps between gradient statistics (1 = every step).
-        sample_every: Steps between sampled probes, weight norms and update ratios
-            (default 40, or the next multiple of ``stats_every``).
-        clip: ``None``, a max global norm, or a clipping mode (``"autoclip"``,
-            ``"zclip"``, ``"agc"``); conflicts with ``Trainer(gradient_clip_val=...)``.
-        on_nonfinite: ``None``, ``"skip"``, ``"zero"``, ``"warn"`` or ``"raise"``.
-        log: Path of a JSONL run log (written on rank zero).
-        plugins: Extra plugin objects (keep their state in ``ctx.stash``: with several
-            optimizers the same objects serve every watcher).
-        disable: Names of plugins not to load.
-        strict: Re-raise errors from gradwatch and its plugins.
-        autoload: Load third-party plugins from the ``gradwatch`` entry-point group.
-        report: Print console reports (rank zero; above the progress bar).
-        options: Per-plugin options, ``{"vanishing": {"ratio": 1e-3}}``.
         console: A rich console to print reports to, as is (default: reports are
             rendered off-screen and printed through the Trainer's progress bar, so a
             TQDM or rich bar is not garbled).
-        history_size: Rows of per-layer statistics kept on the host.
         log_metrics: Log to the Trainer's loggers.
         log_layers: Per-layer norms to log: ``"all"``; an ``int`` k: the k largest
             layer norms of the step (one small host read of their indices per logging
             step); ``"aggregate"``: ``norm_min``, ``norm_max``, ``norm_mean`` over
             layers; ``"none"``; ``"auto"`` (default): all up to 32 layers, aggregates
             beyond.
+        **options: The options every door takes (:class:`gradwatch.WatchConfig`);
+            ``clip`` conflicts with ``Trainer(gradient_clip_val=...)``, and ``plugins``
+            serve every optimizer's watcher (keep their state in ``ctx.stash``):
+
+            {options}
 
     Raises:
         GradWatchError: For an unknown option (the message lists the known ones) or a
@@ -140,56 +129,18 @@ class GradWatchCallback:
     def __init__(
         self,
         *,
-        report_every: int = 100,
-        stats_every: int = 4,
-        sample_every: int | None = None,
-        clip: float | str | Any | None = None,
-        on_nonfinite: str | None = None,
-        log: str | None = None,
-        plugins: Iterable[object] = (),
-        disable: Iterable[str] = (),
-        strict: bool = False,
-        autoload: bool = True,
-        report: bool = True,
-        options: Mapping[str, Mapping[str, Any]] | None = None,
         console: Console | None = None,
-        history_size: int = 10_000,
         log_metrics: bool = True,
         log_layers: str | int = "auto",
-        **unknown: Any,
+        **options: Any,
     ) -> None:
-        if unknown:
-            known = sorted(_OPTION_NAMES)
-            hints = []
-            for name in unknown:
-                close = difflib.get_close_matches(name, known, 1)
-                hints.append(f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name))
-            raise GradWatchError(f"GradWatch() got unknown option(s) {', '.join(hints)}; known options: {', '.join(known)}")
-        if isinstance(disable, str):
-            raise GradWatchError(f"disable takes a list of plugin names, got the string {disable!r}; use [{disable!r}]")
         if isinstance(log_layers, bool) or not (log_layers in _LOG_LAYERS or (isinstance(log_layers, int) and log_layers > 0)):
             raise GradWatchError(
                 f"log_layers must be one of {', '.join(map(repr, _LOG_LAYERS))} or a positive int k "
                 f"(the k largest layer norms), got {log_layers!r}"
             )
-        if options is not None and not isinstance(options, Mapping):
-            raise GradWatchError(f"options must map plugin names to dicts, got {type(options).__name__}")
-        self.config = WatchConfig(
-            report_every=report_every,
-            stats_every=stats_every,
-            sample_every=sample_every,
-            clip=clip,
-            on_nonfinite=on_nonfinite,
-            log=None if log is None else str(log),
-            plugins=tuple(plugins),
-            disable=tuple(disable),
-            strict=strict,
-            autoload=autoload,
-            report=report,
-            options={k: dict(v) for k, v in (options or {}).items()},
-        )
-        _check_plugins(self.config)
-        self.history_size = history_size
+        self.config = WatchConfig.from_options(options, door="GradWatch()", door_names=("console", "log_metrics", "log_layers"))
+        plugin_manager(self.config)  # the plugin set resolved now: bad names fail here, not at setup
         self.log_metrics = log_metrics
         self.log_layers = log_layers
         self._user_console = console
@@ -370,13 +321,12 @@ class GradWatchCallback:
         for i, params in enumerate(shares):
             tap = _LogTap()
             buffer = io.StringIO()
-            config = _replace_plugins(self.config, (*self.config.plugins, tap))
+            config = self.config.replace(plugins=(*self.config.plugins, tap))
             watcher = Watcher(
                 pl_module,
                 None,
                 config=config,
                 console=self._user_console if self._user_console is not None else _capture_console(buffer),
-                history_size=self.history_size,
                 params=params,
             )
             watcher.attach()
@@ -465,9 +415,7 @@ class GradWatchCallback:
         return metrics
 
 
-_OPTION_NAMES = frozenset(
-    GradWatchCallback.__init__.__code__.co_varnames[1 : GradWatchCallback.__init__.__code__.co_kwonlyargcount + 1]
-)
+GradWatchCallback.__doc__ = GradWatchCallback.__doc__.replace("{options}", WatchConfig.options_doc(indent=12))  # type: ignore[union-attr]
 
 
 def _key(name: str) -> str:
@@ -502,26 +450,6 @@ def _capture_console(buffer: io.StringIO) -> Console:
         force_terminal=screen.is_terminal,
         highlight=False,
     )
-
-
-def _replace_plugins(config: WatchConfig, plugins: tuple[object, ...]) -> WatchConfig:
-    import dataclasses
-
-    return dataclasses.replace(config, plugins=plugins)
-
-
-def _check_plugins(config: WatchConfig) -> None:
-    """Resolve the plugin set once, now, so a bad ``disable`` name, a misspelled hook or an
-    option for an unknown plugin fails at construction, not at ``setup``."""
-    from gradwatch.manager import make_plugin_manager
-
-    pm = make_plugin_manager(plugins=config.plugins, disable=config.disable, autoload=config.autoload)
-    names = {name for name, _ in pm.list_name_plugin()} | set(config.disable)
-    unknown = sorted(set(config.options) - names)
-    if unknown:
-        raise GradWatchError(
-            f"options given for unknown plugin(s) {', '.join(map(repr, unknown))}; loaded plugins: {', '.join(sorted(names))}"
-        )
 
 
 # ---------------------------------------------------------------------- the classes

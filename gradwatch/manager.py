@@ -8,20 +8,24 @@ so a bug in a detector never stops the user's training.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.metadata
 import os
 import sys
 import warnings
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from gradwatch import hookspecs
 from gradwatch.types import GradWatchError, GradWatchWarning
 
-__all__ = ["BUILTIN_PLUGINS", "PluginHost", "make_plugin_manager"]
+if TYPE_CHECKING:
+    from gradwatch.config import WatchConfig
+
+__all__ = ["BUILTIN_PLUGINS", "PluginHost", "check_config", "make_plugin_manager", "plugin_manager"]
 
 #: Built-in plugins, in registration order; each is the name of its entry point in
 #: pyproject.toml and of its module ``gradwatch.plugins.<name>``.
@@ -128,6 +132,41 @@ def make_plugin_manager(
         raise GradWatchError(f"{exc}; hook names start with 'gradwatch_' (see gradwatch.hookspecs)") from exc
     if os.environ.get(_TRACE_ENV):
         pm.add_hookcall_monitoring(_trace_before, _trace_after)
+    return pm
+
+
+def check_config(pm: pluggy.PluginManager, config: WatchConfig) -> None:
+    """Check the options that depend on the plugins loaded, the same for every door.
+
+    Raises:
+        GradWatchError: For options given to a plugin that is not loaded (a misspelled
+            name, say), or for ``clip=`` / ``on_nonfinite=`` when the ``clipping`` plugin
+            that carries them out is disabled.
+    """
+    loaded = {name for name, plugin in pm.list_name_plugin() if plugin is not None}
+    unknown = sorted(set(config.options) - loaded - set(config.disable))
+    if unknown:
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, sorted(loaded), 1)
+            hints.append(f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name))
+        raise GradWatchError(
+            f"options given for unknown plugin(s) {', '.join(hints)}; loaded plugins: {', '.join(sorted(loaded))}"
+        )
+    if "clipping" not in loaded:
+        asked = [f"{name}={getattr(config, name)!r}" for name in ("clip", "on_nonfinite") if getattr(config, name) is not None]
+        if asked:
+            raise GradWatchError(
+                f"{' and '.join(asked)} needs the 'clipping' plugin, which is disabled (disable= or "
+                "GRADWATCH_DISABLE_PLUGINS): nothing would clip; enable it or drop the option"
+            )
+
+
+def plugin_manager(config: WatchConfig) -> pluggy.PluginManager:
+    """The plugin manager a watch with ``config`` uses, with the configuration checked
+    against it (:func:`check_config`)."""
+    pm = make_plugin_manager(plugins=config.plugins, disable=config.disable, autoload=config.autoload)
+    check_config(pm, config)
     return pm
 
 

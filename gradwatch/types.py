@@ -19,6 +19,7 @@ import torch
 if TYPE_CHECKING:
     from torch import nn
 
+    from gradwatch.config import WatchConfig
     from gradwatch.stash import Stash
 
 __all__ = [
@@ -34,7 +35,6 @@ __all__ = [
     "Severity",
     "StatsWindow",
     "StepContext",
-    "WatchConfig",
     "DIAGNOSIS_KINDS",
     "REMEDY_KINDS",
 ]
@@ -85,6 +85,9 @@ class Remedy:
         title: A short imperative ("Replace the 19 Sigmoid modules with ReLU").
         rationale: Why, quoting the measured number.
         snippet: Python that names the user's own modules and runs against the model.
+        params: Every number (and choice) the remedy carries, by name
+            (``{"max_norm": 0.35}``, ``{"lr_factor": 0.01}``), so programs need not parse
+            the title; the title and snippet are written from them.
         apply: Where the remedy can be applied programmatically, a callable that takes
             a *copy* of the model, changes it and returns it. Never given the live model
             by gradwatch.
@@ -94,6 +97,7 @@ class Remedy:
     title: str
     rationale: str
     snippet: str = ""
+    params: Mapping[str, Any] = field(default_factory=dict)
     apply: Callable[[nn.Module], nn.Module] | None = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -102,6 +106,7 @@ class Remedy:
             "title": self.title,
             "rationale": self.rationale,
             "snippet": self.snippet,
+            "params": _jsonable(self.params),
             "applicable": self.apply is not None,
         }
 
@@ -117,6 +122,8 @@ class Diagnosis:
         layers: Qualified module names, as in ``model.named_modules()``.
         message: One sentence a person understands.
         evidence: The numbers behind it (JSON-serialisable values).
+        summary: The headline numbers in a few words ("early/late gradient RMS ratio
+            2.5e-09 over 20 layers"), written by the detector; remedies quote it.
         remedies: What to do about it, best first; filled in by the advise stage.
         source: The name of the plugin that made it (set by the plugin).
     """
@@ -127,6 +134,7 @@ class Diagnosis:
     layers: tuple[str, ...] = ()
     message: str
     evidence: Mapping[str, Any] = field(default_factory=dict)
+    summary: str = ""
     remedies: tuple[Remedy, ...] = ()
     source: str = ""
 
@@ -143,8 +151,15 @@ class Diagnosis:
             layers=tuple(d["layers"]),
             message=d["message"],
             evidence=dict(d["evidence"]),
+            summary=d.get("summary", ""),
             remedies=tuple(
-                Remedy(kind=r["kind"], title=r["title"], rationale=r["rationale"], snippet=r.get("snippet", ""))
+                Remedy(
+                    kind=r["kind"],
+                    title=r["title"],
+                    rationale=r["rationale"],
+                    snippet=r.get("snippet", ""),
+                    params=dict(r.get("params", {})),
+                )
                 for r in d.get("remedies", ())
             ),
             source=d.get("source", ""),
@@ -158,6 +173,7 @@ class Diagnosis:
             "layers": list(self.layers),
             "message": self.message,
             "evidence": _jsonable(self.evidence),
+            "summary": self.summary,
             "remedies": [r.to_dict() for r in self.remedies],
             "source": self.source,
         }
@@ -185,71 +201,6 @@ class Action:
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "step": self.step, "evidence": _jsonable(self.evidence), "source": self.source}
-
-
-_DEFAULT_SAMPLE_EVERY = 40
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class WatchConfig:
-    """The options shared by :func:`gradwatch.watch` and :class:`gradwatch.GradWatch`.
-
-    Attributes:
-        report_every: Optimizer steps between host reads of the statistics (and reports).
-        stats_every: Optimizer steps between gradient statistics. ``1`` reads every
-            gradient on every step (about one memory pass over the gradients per step);
-            the default reads every 4th step, which keeps the overhead within 3% on a
-            CPU MLP and delays detection by at most 3 steps.
-        sample_every: Steps between sampled work (default: 40, or the next multiple of
-            ``stats_every``): forward activation probes, weight
-            norms and the update-to-weight ratio. A multiple of ``stats_every``.
-        clip: ``None``, a max global norm, or a mode name (see the clipping plugin).
-        on_nonfinite: What to do with a step whose gradients hold NaN/Inf (see the
-            clipping plugin): ``None`` (only diagnose), ``"skip"``, ``"zero"``,
-            ``"warn"`` or ``"raise"``.
-        log: Path of the JSONL run log, or ``None``.
-        plugins: Extra plugin objects registered after the built-ins.
-        disable: Names of plugins (built-in or third-party) not to load.
-        strict: Re-raise errors from plugins instead of switching the plugin off.
-        autoload: Load third-party plugins from the ``gradwatch`` entry-point group.
-        report: Print the console report (``False`` keeps gradwatch silent).
-        options: Per-plugin options, ``{"vanishing": {"ratio": 1e-3}}``; each plugin
-            validates its own in ``gradwatch_configure``.
-    """
-
-    report_every: int = 100
-    stats_every: int = 4
-    sample_every: int = None  # type: ignore[assignment]  # resolved in __post_init__
-    clip: float | str | Any | None = None
-    on_nonfinite: str | None = None
-    log: str | None = None
-    plugins: tuple[object, ...] = ()
-    disable: tuple[str, ...] = ()
-    strict: bool = False
-    autoload: bool = True
-    report: bool = True
-    options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.sample_every is None and isinstance(self.stats_every, int) and self.stats_every > 0:
-            # The default: the first multiple of stats_every from 40 steps on.
-            object.__setattr__(self, "sample_every", -(-_DEFAULT_SAMPLE_EVERY // self.stats_every) * self.stats_every)
-        for name in ("report_every", "stats_every", "sample_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise GradWatchError(f"{name} must be a positive integer of optimizer steps, got {value!r}")
-        if self.sample_every % self.stats_every:
-            raise GradWatchError(
-                f"sample_every={self.sample_every} must be a multiple of stats_every={self.stats_every}, "
-                "so that sampled steps also read gradients; "
-                f"use sample_every={self.stats_every * max(1, round(self.sample_every / self.stats_every))}"
-            )
-        if isinstance(self.disable, str):
-            raise GradWatchError(f"disable takes a list of plugin names, got the string {self.disable!r}; use [{self.disable!r}]")
-
-    def plugin_options(self, name: str) -> Mapping[str, Any]:
-        """The options given for plugin ``name`` (empty when none)."""
-        return self.options.get(name, {})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -30,7 +30,8 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from gradwatch import _rank
-from gradwatch.manager import PluginHost, make_plugin_manager
+from gradwatch.config import WatchConfig
+from gradwatch.manager import PluginHost, plugin_manager
 from gradwatch.stash import Stash
 from gradwatch.stats import History, Plan, StatsRing, WeightSnapshot
 from gradwatch.types import (
@@ -43,7 +44,6 @@ from gradwatch.types import (
     Remedy,
     Report,
     StepContext,
-    WatchConfig,
 )
 
 if TYPE_CHECKING:
@@ -219,7 +219,6 @@ class Watcher:
         *,
         config: WatchConfig,
         console: Console | None = None,
-        history_size: int = 10_000,
         scaler: torch.amp.GradScaler | None = None,
         params: Iterable[nn.Parameter] | None = None,
     ) -> None:
@@ -253,7 +252,7 @@ class Watcher:
         self.stash = Stash()
         self.diagnoses: list[Diagnosis] = []
         self.actions: list[Action] = []
-        self.history = History(tuple(layer.name for layer in layers), max_rows=history_size)
+        self.history = History(tuple(layer.name for layer in layers), max_rows=config.history_size)
         self.rank = _rank.global_rank()
         self._step = 0
         self._interval_start = 0
@@ -276,7 +275,7 @@ class Watcher:
         self._handles: list[RemovableHandle] = []
         self._probing = False
         self.probes = Probes(self)
-        self.pm = make_plugin_manager(plugins=config.plugins, disable=config.disable, autoload=config.autoload)
+        self.pm = plugin_manager(config)
         self.host = PluginHost(self.pm, strict=config.strict)
         # Plugins validate their options here: errors reach the user before training starts.
         self.host.call_historic("gradwatch_configure", config=config, ctx=self._ctx())
@@ -658,21 +657,9 @@ def watch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
     *,
-    report_every: int = 100,
-    stats_every: int = 4,
-    sample_every: int | None = None,
-    clip: float | str | Any | None = None,
-    on_nonfinite: str | None = None,
-    log: str | None = None,
-    plugins: Iterable[object] = (),
-    disable: Iterable[str] = (),
-    strict: bool = False,
-    autoload: bool = True,
-    report: bool = True,
-    options: Mapping[str, Mapping[str, Any]] | None = None,
     console: Console | None = None,
-    history_size: int = 10_000,
     scaler: torch.amp.GradScaler | None = None,
+    **options: Any,
 ) -> Watcher:
     """Watch the gradients of ``model`` and attach now.
 
@@ -681,24 +668,18 @@ def watch(
             ``DataParallel`` or ``torch.compile``.
         optimizer: One optimizer or several; their ``step()`` marks the step boundary.
             Without one, call :meth:`Watcher.step` after each backward.
-        report_every: Steps between host reads, diagnoses and reports.
-        stats_every: Steps between gradient statistics (1 = every step).
-        sample_every: Steps between sampled probes, weight norms and update ratios
-            (default 40, or the next multiple of ``stats_every``).
-        clip: ``None``, a max global norm, ``"autoclip"``, ``"zclip"`` or ``"agc"``.
-        on_nonfinite: ``None``, ``"skip"``, ``"zero"``, ``"warn"`` or ``"raise"``.
-        log: Path of a JSONL run log.
-        plugins: Extra plugin objects.
-        disable: Names of plugins not to load.
-        strict: Re-raise errors from gradwatch and its plugins.
-        autoload: Load third-party plugins from the ``gradwatch`` entry-point group.
-        report: Print console reports.
-        options: Per-plugin options, ``{"vanishing": {"ratio": 1e-3}}``.
         console: The rich console for reports (default: ``rich.get_console()``).
-        history_size: Rows of per-layer statistics kept in :attr:`Watcher.history`.
         scaler: The ``torch.amp.GradScaler`` of a mixed-precision loop: steps it skips
             (gradients overflowed) are counted as AMP skips, apart from genuine non-finite
             gradients. Without it, such steps are not counted.
+        **options: The options every door takes (:class:`gradwatch.WatchConfig`):
+
+            {options}
+
+    Raises:
+        GradWatchError: For an unknown option (with the closest known name), a bad value,
+            or a model, optimizer or scaler gradwatch cannot watch; the message says what
+            to pass instead.
 
     Example::
 
@@ -709,21 +690,11 @@ def watch(
                 optimizer.zero_grad()
         print(gw.diagnoses)
     """
-    config = WatchConfig(
-        report_every=report_every,
-        stats_every=stats_every,
-        sample_every=sample_every,
-        clip=clip,
-        on_nonfinite=on_nonfinite,
-        log=None if log is None else str(log),
-        plugins=tuple(plugins),
-        disable=tuple(disable) if not isinstance(disable, str) else disable,  # type: ignore[arg-type]
-        strict=strict,
-        autoload=autoload,
-        report=report,
-        options=dict(options or {}),
-    )
-    return Watcher(model, optimizer, config=config, console=console, history_size=history_size, scaler=scaler).attach()
+    config = WatchConfig.from_options(options, door="watch()", door_names=("console", "scaler"))
+    return Watcher(model, optimizer, config=config, console=console, scaler=scaler).attach()
+
+
+watch.__doc__ = watch.__doc__.replace("{options}", WatchConfig.options_doc(indent=12))  # type: ignore[union-attr]
 
 
 def _as_optimizers(optimizer: object) -> tuple[torch.optim.Optimizer, ...]:

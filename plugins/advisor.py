@@ -607,6 +607,7 @@ def _clipping(d: Diagnosis, state: AdvisorState) -> Remedy | None:
     return Remedy(
         kind="clipping",
         title=f"Clip the global gradient norm at {value:g}",
+        params={"max_norm": value},
         rationale=f"{measured(d)}; the threshold {value:g} is {basis}, so ordinary steps pass unchanged and spikes are scaled down.",
         snippet=(
             "# after loss.backward(), before optimizer.step():\n"
@@ -649,6 +650,7 @@ def _lower_lr(d: Diagnosis, state: AdvisorState, *, force: bool = False) -> Reme
     return Remedy(
         kind="lower_lr",
         title=f"Lower the learning rate by ×{factor:g}",
+        params={"lr_factor": 1.0 / factor},
         rationale=f"{measured(d)}{loss_note}; {why}.",
         snippet=f'for group in optimizer.param_groups:\n    group["lr"] /= {factor:g}',
     )

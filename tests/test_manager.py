@@ -60,8 +60,8 @@ def test_disable_builtin_and_unknown_name() -> None:
     gw.detach()
     with pytest.raises(gradwatch.GradWatchError, match="unknown plugin.*'consol'.*known plugins are"):
         gradwatch.watch(model, disable=["consol"])
-    with pytest.raises(gradwatch.GradWatchError, match="list of plugin names"):
-        gradwatch.watch(model, disable="console")
+    with pytest.raises(gradwatch.GradWatchError, match="disable takes plugin names"):
+        gradwatch.watch(model, disable=[3])
 
 
 def test_disable_by_environment(monkeypatch) -> None:
