@@ -3,7 +3,7 @@
 ``watch(clip=...)`` and ``GradWatch(clip=...)`` take a number, a mode name or one of
 these objects; :func:`resolve_clip` turns any of them into a config object and says
 what is wrong with a bad value before training starts. The work itself is done by the
-built-in ``clipping`` plugin (``gradwatch.plugins.clipping``).
+built-in ``clipping`` plugin.
 
 Example::
 

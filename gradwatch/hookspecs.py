@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from gradwatch.config import WatchConfig
-    from gradwatch.stats import GradBatch
+    from gradwatch.stats import GradBatch, History
     from gradwatch.types import Action, Diagnosis, ModelInfo, Remedy, Report, StatsWindow, StepContext
 
 __all__ = ["hookspec", "hookimpl", "PROJECT_NAME"]
@@ -116,10 +116,11 @@ def gradwatch_act(grads: GradBatch, ctx: StepContext) -> None:
 
 
 @hookspec
-def gradwatch_actions(window: StatsWindow, ctx: StepContext) -> list[Action] | None:
-    """Turn what this plugin recorded on device during the interval into actions.
+def gradwatch_read_actions(window: StatsWindow, ctx: StepContext) -> list[Action] | None:
+    """Read back what this plugin did on device during the interval, as actions.
 
-    :param window: The interval's statistics, with the plugin's recorded ``extras``.
+    :param window: The interval's statistics, with the plugin's recorded ``extras``
+        (what it stored with ``ctx.record`` in ``gradwatch_act``).
     :param ctx: The last step of the interval and the watch's ``stash``.
     :returns: The :class:`Action` records (clips, skips) of the interval, or ``None``.
 
@@ -127,13 +128,29 @@ def gradwatch_actions(window: StatsWindow, ctx: StepContext) -> list[Action] | N
     """
 
 
+@hookspec(warn_on_impl=DeprecationWarning("gradwatch_actions is renamed gradwatch_read_actions; rename the implementation"))
+def gradwatch_actions(window: StatsWindow, ctx: StepContext) -> list[Action] | None:
+    """Deprecated name of :func:`gradwatch_read_actions`, still called for old plugins.
+
+    :param window: As for :func:`gradwatch_read_actions`.
+    :param ctx: As for :func:`gradwatch_read_actions`.
+    :returns: As for :func:`gradwatch_read_actions`.
+
+    Runs on every rank, once per report interval, on the host, right after
+    :func:`gradwatch_read_actions`.
+    """
+
+
 @hookspec
-def gradwatch_diagnose(window: StatsWindow, model: ModelInfo, ctx: StepContext) -> list[Diagnosis] | None:
+def gradwatch_diagnose(window: StatsWindow, model: ModelInfo, history: History, ctx: StepContext) -> list[Diagnosis] | None:
     """Inspect the last report interval's statistics and report what looks wrong.
 
     :param window: The interval's per-layer statistics, drained from the device once for
         the whole interval; host tensors, never live ones.
     :param model: The model and its layers in forward order.
+    :param history: The run's statistics so far (the last ``history_size`` rows), this
+        interval included: judge across intervals from it (``history.since(step)``), and
+        keep no copy of your own. Read-only.
     :param ctx: The last step of the interval, rank, the configuration and the ``stash``.
     :returns: Diagnoses for this interval (``step`` = first step at which the condition
         was seen), or ``None`` when there is nothing to say. A plugin reports a
@@ -144,11 +161,14 @@ def gradwatch_diagnose(window: StatsWindow, model: ModelInfo, ctx: StepContext) 
 
 
 @hookspec
-def gradwatch_advise(diagnosis: Diagnosis, model: ModelInfo, ctx: StepContext) -> list[Remedy] | None:
+def gradwatch_advise(diagnosis: Diagnosis, model: ModelInfo, history: History, ctx: StepContext) -> list[Remedy] | None:
     """Suggest remedies for one diagnosis, naming the user's own modules.
 
-    :param diagnosis: A diagnosis of this interval.
+    :param diagnosis: A diagnosis of this interval; its ``summary`` holds the headline
+        numbers to quote.
     :param model: The model (look at its modules, activations, normalisation layers).
+    :param history: The run's statistics so far, as for diagnose: numbers in a remedy
+        (a clipping threshold, a learning-rate factor) come from here. Read-only.
     :param ctx: The last step of the interval and the ``stash``.
     :returns: Remedies, best first, or ``None``. Results of all plugins are concatenated
         (built-in advice is ``trylast``, so a third party's remedies come first) and

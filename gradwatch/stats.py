@@ -22,8 +22,10 @@ from torch import nn
 
 from gradwatch.types import GradWatchError, ModelInfo, Series, StatsWindow
 
-__all__ = ["GradBatch", "History", "Plan", "StatsRing", "CORE_STATS"]
+__all__ = ["GradBatch", "History", "Plan", "StatsRing", "CORE_STATS", "LOSS_KEY"]
 
+#: ``extras`` key of the recorded loss (``Watcher.observe_loss``).
+LOSS_KEY = "core.loss"
 #: Rows of the per-step core statistics, in ring order.
 CORE_STATS = ("grad_norm", "grad_rms", "grad_max", "nonfinite", "present")
 
@@ -442,6 +444,29 @@ class History:
 
     def __len__(self) -> int:
         return int(self.steps.numel())
+
+    @property
+    def loss(self) -> Series:
+        """The recorded loss (``observe_loss``, or a framework door), one value per step."""
+        series = self.extras.get(LOSS_KEY)
+        if series is None:
+            return Series(torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=_F32))
+        return Series(series.steps, series.values.reshape(-1))
+
+    def since(self, step: int) -> History:
+        """The rows of step ``step`` and later, as a new :class:`History` (a view a
+        detector judges: ``history.since(last_step - window + 1)``)."""
+        out = History(self.layers, self.max_rows)
+        keep = self.steps >= step
+        out.steps = self.steps[keep]
+        for name in ("grad_norm", "grad_rms", "grad_max", "nonfinite", "present"):
+            setattr(out, name, getattr(self, name)[keep])
+        out.total_norm = self.total_norm[keep]
+        out.weight_norm = self.weight_norm.since(step)
+        out.update_ratio = self.update_ratio.since(step)
+        out.extras = {k: v.since(step) for k, v in self.extras.items()}
+        out.amp_skips = [s for s in self.amp_skips if s >= step]
+        return out
 
     def _cat(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         if old.shape[1:] != new.shape[1:]:

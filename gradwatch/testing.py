@@ -22,6 +22,8 @@ from gradwatch.hookspecs import hookimpl
 __all__ = [
     "NaNAt",
     "ReportCatcher",
+    "advise",
+    "diagnose",
     "TinyModel",
     "console",
     "exploding_rnn",
@@ -262,6 +264,20 @@ class ReportCatcher:
     @hookimpl
     def gradwatch_report(self, report: Any) -> None:
         self.reports.append(report)
+
+
+def diagnose(watcher: Any, window: Any) -> list[Any]:
+    """Run ``watcher``'s host side on a hand-made :class:`gradwatch.StatsWindow`, as at a
+    report interval: the window joins the history, every plugin diagnoses it, and on rank
+    zero each diagnosis gets its remedies. Returns the new diagnoses, worst first (they are
+    also in ``watcher.diagnoses``). For testing a detector on a known series of numbers."""
+    ctx = watcher.context(step=max(window.last_step, 0))
+    return watcher.pipeline.diagnose(window, watcher.model_info, ctx)[1]
+
+
+def advise(watcher: Any, diagnosis: Any) -> list[Any]:
+    """The remedies ``watcher``'s plugins give ``diagnosis`` (:meth:`gradwatch.Watcher.advise`)."""
+    return watcher.advise(diagnosis)
 
 
 # ---------------------------------------------------------------------- fixtures

@@ -260,6 +260,16 @@ class Series(NamedTuple):
     steps: torch.Tensor
     values: torch.Tensor
 
+    def since(self, step: int) -> Series:
+        """The values recorded at ``step`` or later."""
+        keep = self.steps >= step
+        return Series(self.steps[keep], self.values[keep])
+
+    def before(self, step: int) -> Series:
+        """The values recorded before ``step``."""
+        keep = self.steps < step
+        return Series(self.steps[keep], self.values[keep])
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StatsWindow:
@@ -326,7 +336,7 @@ class StepContext:
         model: What gradwatch knows of the model.
         sampled: Whether this step is a sampled step (activation probes ran).
         probes: Registers module hooks that the watcher removes on detach (see
-            :class:`gradwatch.watch.Probes`).
+            :class:`gradwatch.hooks.Probes`).
         recorder: Used by :meth:`record`; set in collect and act.
     """
 

@@ -33,7 +33,6 @@ from torch import nn
 from gradwatch import (
     Diagnosis,
     GradBatch,
-    GradWatchError,
     ModelInfo,
     Severity,
     StashKey,
@@ -42,7 +41,7 @@ from gradwatch import (
     WatchConfig,
     hookimpl,
 )
-from gradwatch.plugins.vanishing import _validate
+from gradwatch.kit import plugin_options
 
 _DEFAULTS: dict[str, Any] = {"dead": 0.9, "saturated": 0.9, "derivative": 0.01, "min_samples": 3, "window": 200}
 _RECTIFIERS = (nn.ReLU, nn.ReLU6)
@@ -65,10 +64,11 @@ KEY = StashKey[_State]()
 
 @hookimpl
 def gradwatch_configure(config: WatchConfig, ctx: StepContext) -> None:
-    opts = _validate(config.plugin_options("activations"), _DEFAULTS, "activations")
-    for name in ("dead", "saturated", "derivative"):
-        if not opts[name] < 1:
-            raise GradWatchError(f"activations option {name} is a fraction in (0, 1), got {opts[name]}")
+    # dead, saturated, derivative: fractions in (0, 1).
+    fraction = (0.0, 1.0)
+    opts = plugin_options(
+        config, "activations", _DEFAULTS, bounds={"dead": fraction, "saturated": fraction, "derivative": fraction}
+    )
     ctx.stash[KEY] = _State(opts=opts)
 
 
@@ -181,6 +181,8 @@ def gradwatch_diagnose(window: StatsWindow, model: ModelInfo, ctx: StepContext) 
                     f"in {len(layers)} {activation} module(s) at least {limit:.0%} of the units {what} "
                     f"on every one of {len(state.rows)} sampled steps (up to {worst:.0%})"
                 ),
+                summary=f"{worst:.0%} of the units of {state.names[max(cols, key=lambda k: float(low[k]))]!r} "
+                f"{'dead' if kind == 'dead_units' else 'saturated'}",
                 evidence={
                     "fraction": {state.names[k]: float(low[k]) for k in cols},
                     "activation": activation,

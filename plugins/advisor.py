@@ -1,6 +1,6 @@
 """The advisor: remedies that name the user's own modules, chosen by looking at the model.
 
-For each diagnosis the advisor looks at the model (its :mod:`~gradwatch.plugins._anatomy`:
+For each diagnosis the advisor looks at the model (its :mod:`gradwatch.anatomy`:
 activation modules and, where ``torch.fx`` traces, functional activations; normalisation
 layers; residual additions; weight scale against Kaiming/Xavier; recurrent modules) and
 at the measured evidence, and returns the remedies that apply, best first:
@@ -23,9 +23,8 @@ init_scale                ``reinit``
 
 Every snippet runs with ``model`` (the user's model), ``optimizer``, ``torch`` and ``nn``
 in scope; remedies that change the model carry ``apply(model) -> model`` for a copy.
-The advisor also implements ``gradwatch_diagnose`` (returning nothing) to keep the run's
-total norms, losses and update ratios, which set the clipping threshold and the
-learning-rate factor.
+The clipping threshold and the learning-rate factor come from the history the host passes
+to ``gradwatch_advise``; each rationale quotes the diagnosis's own ``summary``.
 
 Options (``options={"advisor": {...}}``):
 
@@ -40,24 +39,51 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from gradwatch import Diagnosis, GradWatchError, ModelInfo, Remedy, StashKey, StatsWindow, StepContext, WatchConfig, hookimpl
-from gradwatch.plugins import _anatomy
+from gradwatch import (
+    Diagnosis,
+    GradWatchError,
+    ModelInfo,
+    Remedy,
+    StashKey,
+    StepContext,
+    WatchConfig,
+    anatomy,
+    hookimpl,
+)
+from gradwatch.kit import plugin_options
+
+if TYPE_CHECKING:
+    from gradwatch.stats import History
 
 _DEFAULTS = {"clip_percentile": 90.0, "target_update_ratio": 1e-3}
-_KEEP = 10_000
 _MIN_DEPTH_NORM = 4
 _MIN_DEPTH_RESIDUAL = 6
 _NORM_FOR = {nn.Linear: "LayerNorm", nn.Conv1d: "BatchNorm1d", nn.Conv2d: "BatchNorm2d", nn.Conv3d: "BatchNorm3d"}
 
 
-@dataclass
-class AdvisorState:
-    """Per-watch state: options and what the run measured so far (host floats)."""
+@dataclass(frozen=True)
+class AdvisorOptions:
+    """Per-watch options."""
+
+    clip_percentile: float
+    target_update_ratio: float
+
+
+@dataclass(frozen=True)
+class Run:
+    """What the run measured so far, read from the core's history when advising (host floats).
+
+    Attributes:
+        norm_steps: The statistics steps.
+        norms: The total gradient norm of each.
+        losses: The recorded losses, one per step (empty without ``observe_loss``).
+        max_update_ratio: The largest finite ``‖Δw‖/‖w‖`` of a layer on a sampled step.
+    """
 
     clip_percentile: float
     target_update_ratio: float
@@ -67,44 +93,36 @@ class AdvisorState:
     max_update_ratio: float | None = None
 
 
-KEY = StashKey[AdvisorState]()
+def measured_run(options: AdvisorOptions, history: History) -> Run:
+    ratio = history.update_ratio.values
+    ratio = ratio[torch.isfinite(ratio)]
+    return Run(
+        clip_percentile=options.clip_percentile,
+        target_update_ratio=options.target_update_ratio,
+        norm_steps=history.steps.tolist(),
+        norms=history.total_norm.tolist(),
+        losses=history.loss.values.tolist(),
+        max_update_ratio=float(ratio.max()) if ratio.numel() else None,
+    )
+
+
+KEY = StashKey[AdvisorOptions]()
 
 
 @hookimpl
 def gradwatch_configure(config: WatchConfig, ctx: StepContext) -> None:
-    options = dict(config.plugin_options("advisor"))
-    unknown = set(options) - set(_DEFAULTS)
-    if unknown:
-        raise GradWatchError(f"unknown advisor option(s) {sorted(unknown)}; known: {sorted(_DEFAULTS)}")
-    values = {**_DEFAULTS, **options}
-    q, target = values["clip_percentile"], values["target_update_ratio"]
-    if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 < q <= 100:
-        raise GradWatchError(f"advisor clip_percentile must be a percentile in (0, 100], e.g. 90; got {q!r}")
-    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target < 1:
-        raise GradWatchError(f"advisor target_update_ratio must be a number in (0, 1), e.g. 1e-3; got {target!r}")
-    ctx.stash[KEY] = AdvisorState(clip_percentile=float(q), target_update_ratio=float(target))
+    values = plugin_options(config, "advisor", _DEFAULTS, bounds={"target_update_ratio": (0.0, 1.0)})
+    if values["clip_percentile"] > 100:
+        raise GradWatchError(
+            f"advisor option clip_percentile is a percentile in (0, 100], e.g. 90; got {values['clip_percentile']!r}"
+        )
+    ctx.stash[KEY] = AdvisorOptions(clip_percentile=values["clip_percentile"], target_update_ratio=values["target_update_ratio"])
 
 
 @hookimpl(trylast=True)
-def gradwatch_diagnose(window: StatsWindow, model: ModelInfo, ctx: StepContext) -> None:
-    state = ctx.stash[KEY]
-    state.norm_steps += window.steps.tolist()
-    state.norms += window.total_norm.tolist()
-    loss = window.extras.get("core.loss")
-    if loss is not None:
-        state.losses += loss.values.reshape(-1).tolist()
-    # Bounded like the core's History: the clipping percentile needs the recent past only.
-    del state.norm_steps[:-_KEEP], state.norms[:-_KEEP], state.losses[:-_KEEP]
-    ratio = window.update_ratio.values
-    ratio = ratio[torch.isfinite(ratio)]
-    if ratio.numel():
-        state.max_update_ratio = max(state.max_update_ratio or 0.0, float(ratio.max()))
-
-
-@hookimpl(trylast=True)
-def gradwatch_advise(diagnosis: Diagnosis, model: ModelInfo, ctx: StepContext) -> list[Remedy] | None:
-    state = ctx.stash[KEY]
-    anat = _anatomy.cached(ctx, model)
+def gradwatch_advise(diagnosis: Diagnosis, model: ModelInfo, history: History, ctx: StepContext) -> list[Remedy] | None:
+    state = measured_run(ctx.stash[KEY], history)
+    anat = anatomy.cached(ctx, model)
     root = model.model
     ev = diagnosis.evidence
     kind = diagnosis.kind
@@ -145,31 +163,8 @@ def _g(value: Any, fmt: str = ".2g") -> str:
 
 
 def measured(d: Diagnosis) -> str:
-    """The diagnosis's key numbers, for rationales."""
-    ev = d.evidence
-    if d.kind == "vanishing" and ev.get("recurrent"):
-        return f"gradient bound (γ·max σ′)^T = {_g(ev.get('bound'))} over T = {ev.get('seq_len')} steps (γ·max σ′ = {_g(ev.get('gain'), '.3g')})"
-    if d.kind == "vanishing" and ev.get("signal") == "absolute":
-        return f"largest layer gradient RMS {_g(ev.get('max_rms'))} while the loss stays at {_g(ev.get('loss_after'), '.3g')}"
-    if d.kind == "vanishing":
-        parts = [f"early/late gradient RMS ratio {_g(ev.get('ratio'))}"]
-        if ev.get("decay_per_layer") is not None:
-            parts.append(f"×{_g(ev.get('decay_per_layer'))} per layer over {ev.get('depth')} layers")
-        return ", ".join(parts) + (f" ({ev['signal']})" if ev.get("signal") else "")
-    if d.kind == "exploding" and ev.get("recurrent"):
-        return f"recurrent γ·max σ′ = {_g(ev.get('gain'), '.3g')} over T = {ev.get('seq_len')} steps"
-    if d.kind == "exploding":
-        return f"total gradient norm {_g(ev.get('total_norm'), '.3g')} (z-score {_g(ev.get('z_score'), '.1f')}, onset step {ev.get('onset', d.step)})"
-    if d.kind == "nonfinite":
-        return f"first non-finite {ev.get('where', 'value')} at step {ev.get('first_step', d.step)} in {d.layers[0] if d.layers else 'the model'!r}"
-    if d.kind in ("dead_units", "saturation"):
-        fractions = ev.get("fraction") or {}
-        if fractions:
-            name, worst = max(fractions.items(), key=lambda kv: kv[1])
-            return f"{worst:.0%} of the units of {name!r} {'dead' if d.kind == 'dead_units' else 'saturated'}"
-    if d.kind == "init_scale":
-        return f"depth gain {_g(ev.get('depth_gain'))} over the chain of layers"
-    return d.message
+    """The diagnosis's headline numbers, for rationales (the detector's ``summary``)."""
+    return d.summary or d.message
 
 
 def _names(names: list[str], limit: int = 4) -> str:
@@ -188,7 +183,7 @@ def _applier(fn: Callable[[nn.Module], None]) -> Callable[[nn.Module], nn.Module
 # ---------------------------------------------------------------------- model changes
 
 
-def _relu(d: Diagnosis, root: nn.Module, anat: _anatomy.Anatomy, min_count: int = 2) -> Remedy | None:
+def _relu(d: Diagnosis, root: nn.Module, anat: anatomy.Anatomy, min_count: int = 2) -> Remedy | None:
     targets = [n for n in anat.saturating if not d.layers or d.kind != "saturation" or n in d.layers] or anat.saturating
     functional = [(call, after) for call, kind, after in anat.functional if kind in ("sigmoid", "tanh")]
     if len(targets) + len(functional) < min_count:
@@ -221,7 +216,7 @@ def _relu(d: Diagnosis, root: nn.Module, anat: _anatomy.Anatomy, min_count: int 
 
     def change(model: nn.Module) -> None:
         for name in targets:
-            _anatomy.replace(model, name, nn.ReLU())
+            anatomy.replace(model, name, nn.ReLU())
         with torch.no_grad():
             for name in feeding:
                 layer = model.get_submodule(name)
@@ -243,13 +238,13 @@ def _relu(d: Diagnosis, root: nn.Module, anat: _anatomy.Anatomy, min_count: int 
     )
 
 
-def _stack(anat: _anatomy.Anatomy) -> list[str]:
+def _stack(anat: anatomy.Anatomy) -> list[str]:
     """Weight layers that feed an activation: the body of the stack, not the head."""
     body = [n for n, act in anat.activation_after.items() if act is not None]
     return [n for n in anat.weight_layers if n in body] or anat.weight_layers[:-1]
 
 
-def _normalization(d: Diagnosis, root: nn.Module, anat: _anatomy.Anatomy) -> Remedy | None:
+def _normalization(d: Diagnosis, root: nn.Module, anat: anatomy.Anatomy) -> Remedy | None:
     if anat.norms or len(anat.weight_layers) < _MIN_DEPTH_NORM:
         return None
     layers = [n for n in _stack(anat) if type(root.get_submodule(n)) in _NORM_FOR]
@@ -264,14 +259,14 @@ def _normalization(d: Diagnosis, root: nn.Module, anat: _anatomy.Anatomy) -> Rem
     exprs = {n: norm_expr(n) for n in layers}
     lines = ["# wrap each layer as Sequential(layer, norm): the norm sits between the layer and its activation"]
     for name, expr in exprs.items():
-        lines.append(_anatomy.setter(name, f'nn.Sequential(model.get_submodule("{name}"), {expr})'))
+        lines.append(anatomy.setter(name, f'nn.Sequential(model.get_submodule("{name}"), {expr})'))
 
     def change(model: nn.Module) -> None:
         for name, _expr in exprs.items():
             layer = model.get_submodule(name)
             size = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
             norm = getattr(nn, _NORM_FOR[type(layer)])(size).to(layer.weight.device)
-            _anatomy.replace(model, name, nn.Sequential(layer, norm))
+            anatomy.replace(model, name, nn.Sequential(layer, norm))
 
     kinds = sorted({e.split("(")[0] for e in exprs.values()})
     return Remedy(
@@ -322,7 +317,7 @@ def _shape_preserving(module: nn.Module) -> bool:
     return False
 
 
-def _residual(d: Diagnosis, root: nn.Module, anat: _anatomy.Anatomy) -> Remedy | None:
+def _residual(d: Diagnosis, root: nn.Module, anat: anatomy.Anatomy) -> Remedy | None:
     if anat.residuals or len(anat.weight_layers) < _MIN_DEPTH_RESIDUAL:
         return None
     layers = [n for n in _stack(anat) if _shape_preserving(root.get_submodule(n))]
@@ -347,16 +342,16 @@ def _residual(d: Diagnosis, root: nn.Module, anat: _anatomy.Anatomy) -> Remedy |
             if act
             else f'model.get_submodule("{name}")'
         )
-        lines.append(_anatomy.setter(name, f"Residual({inner})"))
+        lines.append(anatomy.setter(name, f"Residual({inner})"))
         if act:
-            lines.append(_anatomy.setter(act, "nn.Identity()"))
+            lines.append(anatomy.setter(act, "nn.Identity()"))
 
     def change(model: nn.Module) -> None:
         for name, act in pairs.items():
             inner = nn.Sequential(model.get_submodule(name), model.get_submodule(act)) if act else model.get_submodule(name)
-            _anatomy.replace(model, name, Residual(inner))
+            anatomy.replace(model, name, Residual(inner))
             if act:
-                _anatomy.replace(model, act, nn.Identity())
+                anatomy.replace(model, act, nn.Identity())
 
     how = (
         "torch.fx found no addition of a tensor to its own transform"
@@ -377,12 +372,12 @@ def _residual(d: Diagnosis, root: nn.Module, anat: _anatomy.Anatomy) -> Remedy |
     )
 
 
-def _reinit(d: Diagnosis, root: nn.Module, anat: _anatomy.Anatomy) -> Remedy | None:
-    scales = [s for s in _anatomy.init_scales(root, anat) if s.expected > 0 and s.std > 0]
+def _reinit(d: Diagnosis, root: nn.Module, anat: anatomy.Anatomy) -> Remedy | None:
+    scales = [s for s in anatomy.init_scales(root, anat) if s.expected > 0 and s.std > 0]
     if d.kind == "init_scale":
         std = d.evidence.get("std", {})
         scales = [s for s in scales if s.name in std]
-        scales = [_anatomy.LayerScale(s.name, float(std[s.name]), s.expected, s.scheme, s.activation, s.slope) for s in scales]
+        scales = [anatomy.LayerScale(s.name, float(std[s.name]), s.expected, s.scheme, s.activation, s.slope) for s in scales]
     else:
         scales = [s for s in scales if abs(math.log(s.gain)) > math.log(1.25)]
         if not scales or abs(sum(math.log(s.gain) for s in scales)) < math.log(10):
@@ -393,11 +388,11 @@ def _reinit(d: Diagnosis, root: nn.Module, anat: _anatomy.Anatomy) -> Remedy | N
     lines = [f"# measured std -> expected std ({scales[0].scheme}, for the activation that follows)"]
     for s in scales:
         target = f'model.get_submodule("{s.name}").weight'
-        lines.append(f"{_anatomy.init_call(s, target)}  # {s.std:.3g} -> {s.expected:.3g}")
+        lines.append(f"{anatomy.init_call(s, target)}  # {s.std:.3g} -> {s.expected:.3g}")
 
     def change(model: nn.Module) -> None:
         for s in scales:
-            _anatomy.apply_init(s, model.get_submodule(s.name).weight)
+            anatomy.apply_init(s, model.get_submodule(s.name).weight)
 
     first = scales[0]
     return Remedy(
@@ -438,7 +433,7 @@ def _lstm_gru(d: Diagnosis, root: nn.Module) -> Remedy | None:
         f"            p[{h}:{2 * h}].fill_({bias})",
         '        elif pname.startswith("bias_hh"):',
         f"            p[{h}:{2 * h}].zero_()",
-        _anatomy.setter(name, "lstm"),
+        anatomy.setter(name, "lstm"),
     ]
 
     def change(model: nn.Module) -> None:
@@ -452,7 +447,7 @@ def _lstm_gru(d: Diagnosis, root: nn.Module) -> Remedy | None:
                     p[h : 2 * h].fill_(bias)
                 elif pname.startswith("bias_hh"):
                     p[h : 2 * h].zero_()
-        _anatomy.replace(model, name, lstm.to(next(old.parameters()).device))
+        anatomy.replace(model, name, lstm.to(next(old.parameters()).device))
 
     default = 0.5**seq_len
     return Remedy(
@@ -555,7 +550,7 @@ def _leaky_relu(d: Diagnosis, root: nn.Module) -> Remedy | None:
 
     def change(model: nn.Module) -> None:
         for name in targets:
-            _anatomy.replace(model, name, nn.LeakyReLU(0.01))
+            anatomy.replace(model, name, nn.LeakyReLU(0.01))
 
     return Remedy(
         kind="leaky_relu",
@@ -580,7 +575,7 @@ def _quantile(values: list[float], q: float) -> float:
     return float(torch.quantile(torch.tensor(values, dtype=torch.float64), q / 100.0))
 
 
-def _clipping(d: Diagnosis, state: AdvisorState) -> Remedy | None:
+def _clipping(d: Diagnosis, state: Run) -> Remedy | None:
     onset = d.evidence.get("onset", d.step)
     onset = d.step if not isinstance(onset, int) else onset
     finite = [(s, n) for s, n in zip(state.norm_steps, state.norms) if math.isfinite(n)]
@@ -617,7 +612,7 @@ def _clipping(d: Diagnosis, state: AdvisorState) -> Remedy | None:
     )
 
 
-def _diverging(state: AdvisorState) -> float | None:
+def _diverging(state: Run) -> float | None:
     """How many times the loss grew from its lowest value (inf once it is non-finite)."""
     if len(state.losses) < 2:
         return None
@@ -628,7 +623,7 @@ def _diverging(state: AdvisorState) -> float | None:
     return finite[-1] / low if low > 0 else None
 
 
-def _lower_lr(d: Diagnosis, state: AdvisorState, *, force: bool = False) -> Remedy | None:
+def _lower_lr(d: Diagnosis, state: Run, *, force: bool = False) -> Remedy | None:
     ratio = d.evidence.get("update_ratio")
     ratio = ratio if isinstance(ratio, (int, float)) and math.isfinite(ratio) else state.max_update_ratio
     growth = _diverging(state)
@@ -656,7 +651,7 @@ def _lower_lr(d: Diagnosis, state: AdvisorState, *, force: bool = False) -> Reme
     )
 
 
-def _too_big(state: AdvisorState) -> bool:
+def _too_big(state: Run) -> bool:
     """Updates far larger than a healthy step, or a loss that grew ×10 before going non-finite."""
     if state.max_update_ratio is not None and state.max_update_ratio > 10 * state.target_update_ratio:
         return True
@@ -668,7 +663,7 @@ def _too_big(state: AdvisorState) -> bool:
     )
 
 
-def _grew_before(d: Diagnosis, state: AdvisorState) -> bool:
+def _grew_before(d: Diagnosis, state: Run) -> bool:
     first = d.evidence.get("first_step", d.step)
     norms = [n for s, n in zip(state.norm_steps, state.norms) if s < first]
     finite = [n for n in norms if math.isfinite(n)]

@@ -269,7 +269,7 @@ def _agc(state: ClipState, clip: AGC, grads: GradBatch, ctx: StepContext) -> tup
 
 
 @hookimpl
-def gradwatch_actions(window: StatsWindow, ctx: StepContext) -> list[Action] | None:
+def gradwatch_read_actions(window: StatsWindow, ctx: StepContext) -> list[Action] | None:
     state = ctx.stash.get(KEY, None)
     series = window.extras.get(RECORD)
     if state is None or series is None:

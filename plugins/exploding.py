@@ -36,12 +36,15 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gradwatch import Diagnosis, GradWatchError, ModelInfo, Severity, StashKey, StatsWindow, StepContext, WatchConfig, hookimpl
-from gradwatch.plugins.vanishing import _validate, profile, weight_layers
+from gradwatch import Diagnosis, ModelInfo, Severity, StashKey, StatsWindow, StepContext, WatchConfig, hookimpl
+from gradwatch.kit import num, plugin_options, profile, weight_layers
+
+if TYPE_CHECKING:
+    from gradwatch.stats import History
 
 _DEFAULTS: dict[str, Any] = {
     "z": 6.0,
@@ -67,11 +70,6 @@ class _State:
     layer_mean: torch.Tensor | None = None
     layer_var: torch.Tensor | None = None
     spikes: deque[tuple[int, float, tuple[int, ...]]] = field(default_factory=deque)
-    recent: deque[tuple[int, float]] = field(default_factory=deque)
-    norms: list[float] = field(default_factory=list)
-    layer_rows: deque[tuple[int, torch.Tensor]] = field(default_factory=deque)
-    losses: list[float] = field(default_factory=list)
-    update_max: float | None = None
     onset: int | None = None
     reported: tuple[Any, ...] | None = None
 
@@ -81,11 +79,8 @@ KEY = StashKey[_State]()
 
 @hookimpl
 def gradwatch_configure(config: WatchConfig, ctx: StepContext) -> None:
-    opts = _validate(config.plugin_options("exploding"), _DEFAULTS, "exploding")
-    if not opts["ema"] < 1:
-        raise GradWatchError(f"exploding option ema is the weight of the newest value, in (0, 1); got {opts['ema']}")
-    if opts["growth_rows"] < 2:
-        raise GradWatchError("exploding option growth_rows must be at least 2 (a fit needs two points)")
+    # ema: the weight of the newest value; growth_rows: a fit needs two points.
+    opts = plugin_options(config, "exploding", _DEFAULTS, bounds={"ema": (0.0, 1.0), "growth_rows": (2, None)})
     ctx.stash[KEY] = _State(opts=opts)
 
 
@@ -117,9 +112,9 @@ def _update_ema(state: _State, step: int, total: float, layers: torch.Tensor) ->
     state.n += 1
 
 
-def _median(values: list[float]) -> float | None:
-    finite = [v for v in values[-10_000:] if math.isfinite(v)]
-    return float(torch.tensor(finite, dtype=torch.float64).median()) if finite else None
+def _median(values: torch.Tensor) -> float | None:
+    finite = values[torch.isfinite(values)].double()
+    return float(finite.median()) if finite.numel() else None
 
 
 def _grown(run: deque[tuple[int, float]], reference: float, opts: dict[str, Any]) -> tuple[int, float] | None:
@@ -146,50 +141,49 @@ def _growth(recent: deque[tuple[int, float]]) -> float | None:
 
 
 @hookimpl
-def gradwatch_diagnose(window: StatsWindow, model: ModelInfo, ctx: StepContext) -> list[Diagnosis] | None:
+def gradwatch_diagnose(window: StatsWindow, model: ModelInfo, history: History, ctx: StepContext) -> list[Diagnosis] | None:
     state = ctx.stash[KEY]
     opts = state.opts
-    skips = set(window.amp_skips)
     columns = weight_layers(model) or list(range(len(window.layers)))
-    reference = _median(state.norms)
+    # Non-finite steps belong to the nonfinite detector (AMP skips have no rows at all).
+    finite = torch.isfinite(history.total_norm)
+    steps, totals = history.steps[finite].tolist(), history.total_norm[finite].tolist()
+    earlier = sum(1 for s in steps if s < window.first_step)
+    reference = _median(torch.tensor(totals[:earlier]))
     grown = None
     for row, (step, total) in enumerate(zip(window.steps.tolist(), window.total_norm.tolist())):
-        if step in skips or not math.isfinite(total):
-            continue  # non-finite steps belong to the nonfinite detector
-        _update_ema(state, step, total, window.grad_norm[row])
-        state.norms.append(total)
-        state.layer_rows.append((step, window.grad_norm[row]))
-        state.recent.append((step, total))
-        while len(state.recent) > opts["growth_rows"]:
-            state.recent.popleft()
-        if grown is None:
-            grown = _grown(state.recent, reference if reference is not None else state.recent[0][1], opts)
-            grown = grown and (*grown, "gradient norm")
-    loss = window.extras.get("core.loss")
-    if loss is not None and len(loss.steps):
+        if math.isfinite(total):
+            _update_ema(state, step, total, window.grad_norm[row])
+    for k in range(earlier, len(steps)):
+        run = deque(zip(steps[max(0, k - opts["growth_rows"] + 1) : k + 1], totals[max(0, k - opts["growth_rows"] + 1) : k + 1]))
+        grown = _grown(run, reference if reference is not None else run[0][1], opts)
+        if grown is not None:
+            grown = (*grown, "gradient norm")
+            break
+    loss = history.loss
+    if grown is None and len(loss.steps):
         # The loss is recorded every step: it sees a divergence too fast for the
         # statistics steps (SGD far past its stable rate diverges in 3-4 steps).
-        loss_ref = _median(state.losses)
+        loss_ref = _median(loss.before(window.first_step).values)
+        new = loss.since(window.first_step)
         run: deque[tuple[int, float]] = deque(maxlen=opts["growth_rows"])
-        for step, value in zip(loss.steps.tolist(), loss.values.flatten().tolist()):
+        for step, value in zip(new.steps.tolist(), new.values.tolist()):
             if not math.isfinite(value):
                 break
             run.append((step, value))
-            if grown is None and len(run) == run.maxlen:
+            if len(run) == run.maxlen:
                 grown = _grown(run, loss_ref if loss_ref is not None else run[0][1], opts)
-                grown = grown and (*grown, "loss")
-        state.losses.extend(loss.values.flatten().tolist())
-        del state.losses[: max(0, len(state.losses) - 100_000)]
+                if grown is not None:
+                    grown = (*grown, "loss")
+                    break
     last = window.last_step
     while state.spikes and state.spikes[0][0] <= last - opts["window"]:
         state.spikes.popleft()
-    while state.layer_rows and state.layer_rows[0][0] <= last - opts["window"]:
-        state.layer_rows.popleft()
-    del state.norms[: max(0, len(state.norms) - 100_000)]
-    if len(window.update_ratio.steps):
-        finite = window.update_ratio.values[torch.isfinite(window.update_ratio.values)]
-        if finite.numel():
-            state.update_max = max(state.update_max or 0.0, float(finite.max()))
+    ratios = history.update_ratio.values
+    ratios = ratios[torch.isfinite(ratios)]
+    update_max = float(ratios.max()) if ratios.numel() else None
+    recent = history.since(last - opts["window"] + 1)
+    layer_rows = recent.grad_norm[torch.isfinite(recent.total_norm)]
 
     kind, onset, layers, growth, z, grew = None, None, tuple(window.layers), None, 0.0, ""
     if grown is not None:
@@ -199,24 +193,24 @@ def gradwatch_diagnose(window: StatsWindow, model: ModelInfo, ctx: StepContext) 
         hot = sorted({c for _, _, cols in state.spikes for c in cols})
         layers = tuple(window.layers[c] for c in hot) or layers
     toward = None
-    if len(state.layer_rows) >= 3 and len(columns) >= 4:
-        v = profile(state.layer_rows, columns)
+    if len(layer_rows) >= 3 and len(columns) >= 4:
+        v = profile(layer_rows, columns)
         q = max(1, len(columns) // 4)
         early, late = v[:q], v[-q:]
         if torch.isfinite(early).all() and torch.isfinite(late).all() and float(late.min()) > 0:
             toward = float(early.log().mean().exp() / late.log().mean().exp())
             if kind is None and toward > opts["toward_input"]:
-                kind, onset = "toward_input", state.layer_rows[0][0]
+                kind, onset = "toward_input", int(recent.steps[torch.isfinite(recent.total_norm)][0])
                 layers = tuple(window.layers[c] for c in columns[:q])
     if kind is None:
         state.reported = None
         return None
     if state.onset is None or state.reported is None:
         state.onset = onset
-    z = max((s for _, s, _ in state.spikes), default=_last_z(state))
-    diverging = _diverging(state.losses, opts["diverge"])
-    if diverging is None and state.update_max is not None:
-        diverging_hint = state.update_max > opts["max_update_ratio"]
+    z = max((s for _, s, _ in state.spikes), default=_last_z(state, totals))
+    diverging = _diverging(history.loss.values.tolist(), opts["diverge"])
+    if diverging is None and update_max is not None:
+        diverging_hint = update_max > opts["max_update_ratio"]
     else:
         diverging_hint = bool(diverging)
     severity = Severity.ERROR if diverging_hint else Severity.WARNING
@@ -224,9 +218,9 @@ def gradwatch_diagnose(window: StatsWindow, model: ModelInfo, ctx: StepContext) 
     if key == state.reported:
         return None
     state.reported = key
-    q = torch.tensor(state.norms, dtype=torch.float64)
+    q = torch.tensor(totals, dtype=torch.float64)
     quantiles = {p: float(q.quantile(f)) for p, f in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))}
-    last_total = state.recent[-1][1] if state.recent else math.nan
+    last_total = totals[-1] if totals else math.nan
     what = {
         "growth": f"the {grew} grows ×{growth or 0:.2f} per step since step {onset}",
         "spike": f"the gradient norm spiked {len(state.spikes)} times (z up to {z:.1f}) since step {onset}",
@@ -240,13 +234,14 @@ def gradwatch_diagnose(window: StatsWindow, model: ModelInfo, ctx: StepContext) 
             step=state.onset if state.onset is not None else onset,
             layers=layers,
             message=f"{what} (last total norm {last_total:.3g}){tail}",
+            summary=f"total gradient norm {num(last_total)} (z-score {z:.1f}, onset step {state.onset})",
             evidence={
                 "total_norm": last_total,
                 "z_score": z,
                 "onset": state.onset,
                 "growth_per_step": growth,
                 "norm_quantiles": quantiles,
-                "update_ratio": state.update_max,
+                "update_ratio": update_max,
                 "loss_diverging": diverging,
                 "pattern": kind,
                 "toward_input_ratio": toward,
@@ -256,10 +251,10 @@ def gradwatch_diagnose(window: StatsWindow, model: ModelInfo, ctx: StepContext) 
     ]
 
 
-def _last_z(state: _State) -> float:
-    if not state.recent or state.n < 2:
+def _last_z(state: _State, totals: list[float]) -> float:
+    if not totals or state.n < 2:
         return 0.0
-    return (state.recent[-1][1] - state.mean) / (math.sqrt(state.var) + 1e-30)
+    return (totals[-1] - state.mean) / (math.sqrt(state.var) + 1e-30)
 
 
 def _diverging(losses: list[float], factor: float) -> bool | None:
@@ -276,7 +271,7 @@ def _diverging(losses: list[float], factor: float) -> bool | None:
 @hookimpl
 def gradwatch_state_dict(ctx: StepContext) -> dict[str, Any] | None:
     s = ctx.stash[KEY]
-    return {"exploding": {"n": s.n, "mean": s.mean, "var": s.var, "onset": s.onset, "norms": list(s.norms[-10_000:])}}
+    return {"exploding": {"n": s.n, "mean": s.mean, "var": s.var, "onset": s.onset}}
 
 
 @hookimpl
@@ -284,4 +279,4 @@ def gradwatch_load_state_dict(state: dict[str, Any], ctx: StepContext) -> None:
     mine = state.get("exploding")
     if mine:
         s = ctx.stash[KEY]
-        s.n, s.mean, s.var, s.onset, s.norms = mine["n"], mine["mean"], mine["var"], mine["onset"], list(mine["norms"])
+        s.n, s.mean, s.var, s.onset = mine["n"], mine["mean"], mine["var"], mine["onset"]

@@ -32,8 +32,19 @@ from typing import Any
 
 import torch
 
-from gradwatch import Diagnosis, GradWatchError, ModelInfo, Severity, StashKey, StatsWindow, StepContext, WatchConfig, hookimpl
-from gradwatch.plugins import _anatomy
+from gradwatch import (
+    Diagnosis,
+    GradWatchError,
+    ModelInfo,
+    Severity,
+    StashKey,
+    StatsWindow,
+    StepContext,
+    WatchConfig,
+    anatomy,
+    hookimpl,
+)
+from gradwatch.kit import num, plugin_options
 
 _DEFAULTS = {"depth_gain": 100.0, "info_gain": 10.0, "layer_tol": 1.25}
 
@@ -54,14 +65,8 @@ KEY = StashKey[InitState]()
 
 @hookimpl
 def gradwatch_configure(config: WatchConfig, ctx: StepContext) -> None:
-    options = dict(config.plugin_options("init"))
-    unknown = set(options) - set(_DEFAULTS)
-    if unknown:
-        raise GradWatchError(f"unknown init option(s) {sorted(unknown)}; known: {sorted(_DEFAULTS)}")
-    values = {**_DEFAULTS, **options}
-    for key, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 1:
-            raise GradWatchError(f"init option {key} must be a number > 1 (a factor), e.g. {_DEFAULTS[key]:g}; got {value!r}")
+    # Each is a factor > 1.
+    values = plugin_options(config, "init", _DEFAULTS, bounds=dict.fromkeys(_DEFAULTS, (1.0, None)))
     if values["info_gain"] > values["depth_gain"]:
         raise GradWatchError(f"init info_gain ({values['info_gain']:g}) must not exceed depth_gain ({values['depth_gain']:g})")
     ctx.stash[KEY] = InitState(**{k: float(v) for k, v in values.items()})
@@ -70,19 +75,19 @@ def gradwatch_configure(config: WatchConfig, ctx: StepContext) -> None:
 @hookimpl
 def gradwatch_attach(model: ModelInfo, ctx: StepContext) -> None:
     # The weights at attach are the initialisation (for a fresh model); one host read.
-    named = [(n, m.weight) for n, m in model.model.named_modules() if isinstance(m, _anatomy.WEIGHT_TYPES)]
+    named = [(n, m.weight) for n, m in model.model.named_modules() if isinstance(m, anatomy.INIT_TYPES)]
     if named:
         with torch.no_grad():
             stds = torch.stack([w.detach().float().std().cpu() for _, w in named]).tolist()
         ctx.stash[KEY].stds = dict(zip((n for n, _ in named), stds))
 
 
-def chains(scales: list[_anatomy.LayerScale], anat: _anatomy.Anatomy) -> list[list[_anatomy.LayerScale]]:
+def chains(scales: list[anatomy.LayerScale], anat: anatomy.Anatomy) -> list[list[anatomy.LayerScale]]:
     """Split judged layers into chains of consecutive layers (forward order) whose scale
     compounds: a weight layer that is not judged (it feeds a norm layer or no activation)
     ends a chain."""
     by_name = {s.name: s for s in scales}
-    out: list[list[_anatomy.LayerScale]] = [[]]
+    out: list[list[anatomy.LayerScale]] = [[]]
     for name in anat.weight_layers:
         if name in by_name:
             out[-1].append(by_name[name])
@@ -97,10 +102,10 @@ def gradwatch_diagnose(window: StatsWindow, model: ModelInfo, ctx: StepContext) 
     if state.done:
         return None
     state.done = True
-    anat = _anatomy.cached(ctx, model)
-    scales = [s for s in _anatomy.init_scales(model.model, anat, state.stds) if s.expected > 0 and s.std > 0]
+    anat = anatomy.cached(ctx, model)
+    scales = [s for s in anatomy.init_scales(model.model, anat, state.stds) if s.expected > 0 and s.std > 0]
     worst, worst_log = None, 0.0
-    off: list[_anatomy.LayerScale] = []
+    off: list[anatomy.LayerScale] = []
     for chain in chains(scales, anat):
         log_gain = sum(math.log(s.gain) for s in chain)
         if abs(log_gain) >= math.log(state.info_gain):
@@ -124,6 +129,7 @@ def gradwatch_diagnose(window: StatsWindow, model: ModelInfo, ctx: StepContext) 
                 f"{len(off)} layer(s) are initialised at ×{mean_gain:.2g} (geometric mean) of the {scheme} std for the "
                 f"{'/'.join(acts)} that follows; over a chain of {len(worst)} such layers the signal scales by {depth_gain:.2g}"
             ),
+            summary=f"depth gain {num(depth_gain)} over a chain of {len(worst)} layers",
             evidence={
                 "std": {s.name: s.std for s in off},
                 "expected_std": {s.name: s.expected for s in off},

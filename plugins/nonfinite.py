@@ -52,23 +52,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradwatch import (
-    Diagnosis,
-    GradBatch,
-    GradWatchError,
-    ModelInfo,
-    Severity,
-    StashKey,
-    StatsWindow,
-    StepContext,
-    WatchConfig,
-    hookimpl,
-)
+from gradwatch import Diagnosis, GradBatch, ModelInfo, Severity, StashKey, StatsWindow, StepContext, WatchConfig, hookimpl
+from gradwatch.kit import float_tensors, plugin_options
 
 _MODES = ("auto", "every_step", "sampled", "off")
 _MIN = operator.itemgetter(0)
 _MAX = operator.itemgetter(1)
-_OPTIONS = {"outputs", "max_modules"}
+_DEFAULTS: dict[str, Any] = {"outputs": "auto", "max_modules": 128}
 
 
 @dataclass
@@ -91,32 +81,10 @@ class _State:
 KEY = StashKey[_State]()
 
 
-def _floats(out: Any) -> list[torch.Tensor]:
-    """The floating-point tensors of a module's output (tensor, tuple, list or dict)."""
-    if isinstance(out, torch.Tensor):
-        return [out] if out.is_floating_point() else []
-    if isinstance(out, (tuple, list)):
-        return [t for item in out for t in _floats(item)]
-    if isinstance(out, dict):
-        return [t for item in out.values() for t in _floats(item)]
-    return []
-
-
 @hookimpl
 def gradwatch_configure(config: WatchConfig, ctx: StepContext) -> None:
-    opts = config.plugin_options("nonfinite")
-    unknown = set(opts) - _OPTIONS
-    if unknown:
-        raise GradWatchError(f"unknown nonfinite option(s) {sorted(unknown)}; known: {sorted(_OPTIONS)}")
-    mode = opts.get("outputs", "auto")
-    if mode not in _MODES:
-        raise GradWatchError(
-            f"nonfinite option outputs={mode!r} is not one of {_MODES}; use 'every_step' (exact) or 'sampled' (cheaper)"
-        )
-    limit = opts.get("max_modules", 128)
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-        raise GradWatchError(f"nonfinite option max_modules must be a non-negative integer, got {limit!r}")
-    ctx.stash[KEY] = _State(mode=mode, max_modules=limit)
+    opts = plugin_options(config, "nonfinite", _DEFAULTS, bounds={"max_modules": (0, None)}, choices={"outputs": _MODES})
+    ctx.stash[KEY] = _State(mode=opts["outputs"], max_modules=opts["max_modules"])
 
 
 @hookimpl
@@ -159,7 +127,7 @@ def _module_hook(outs: list[torch.Tensor], ids: list[int], index: int) -> Any:
                     append_out(out)
                     append_id(index)
             else:
-                for t in _floats(out):
+                for t in float_tensors(out):
                     append_out(t)
                     append_id(index)
 
@@ -169,7 +137,7 @@ def _module_hook(outs: list[torch.Tensor], ids: list[int], index: int) -> Any:
 def _root_hook(state: _State, index: int) -> Any:
     def hook(module: nn.Module, args: Any, out: Any) -> None:
         if torch.is_grad_enabled():
-            for t in _floats(out):
+            for t in float_tensors(out):
                 state.outs.append(t)
                 state.ids.append(index)
             _flush(state)
@@ -255,6 +223,7 @@ def gradwatch_diagnose(window: StatsWindow, model: ModelInfo, ctx: StepContext) 
                 f"one by one on sampled steps only (every {ctx.config.sample_every}), so the module is not known: "
                 'pass options={"nonfinite": {"outputs": "every_step"}} to name it'
             )
+            summary = f"the model's output became {what} at step {out_step}"
         else:
             name, module_type = state.names[out_module], state.types[out_module]
             layers = (name,)
@@ -263,12 +232,14 @@ def gradwatch_diagnose(window: StatsWindow, model: ModelInfo, ctx: StepContext) 
                 f"the output of {name or '(root)'} ({module_type}) became {what} at step {out_step}, "
                 "the first module in forward order to produce a non-finite value"
             )
+            summary = f"first non-finite output at step {out_step}, in {name or '(root)'!r} ({module_type})"
         diagnosis = Diagnosis(
             kind="nonfinite",
             severity=Severity.ERROR,
             step=out_step,
             layers=layers,
             message=message,
+            summary=summary,
             evidence=evidence,
             source="nonfinite",
         )
@@ -284,6 +255,7 @@ def gradwatch_diagnose(window: StatsWindow, model: ModelInfo, ctx: StepContext) 
                 f"the gradient of {name or '(root)'} ({module_type}) became non-finite by step {grad_step} while "
                 f"every module output was finite (seen on statistics steps, every {ctx.config.stats_every} steps)"
             ),
+            summary=f"first non-finite gradient at step {grad_step}, in {name or '(root)'!r} ({module_type})",
             evidence={
                 "first_step": grad_step,
                 "where": "gradient",

@@ -36,7 +36,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from gradwatch import Diagnosis, GradWatchError, ModelInfo, Severity, StashKey, StatsWindow, StepContext, WatchConfig, hookimpl
+from gradwatch import Diagnosis, ModelInfo, Severity, StashKey, StatsWindow, StepContext, WatchConfig, hookimpl
+from gradwatch.kit import num, plugin_options
 
 _DEFAULTS = {"vanish_bound": 1e-6, "explode_gain": 1.2}
 
@@ -57,16 +58,8 @@ KEY = StashKey[RecurrentState]()
 
 @hookimpl
 def gradwatch_configure(config: WatchConfig, ctx: StepContext) -> None:
-    options = dict(config.plugin_options("recurrent"))
-    unknown = set(options) - set(_DEFAULTS)
-    if unknown:
-        raise GradWatchError(f"unknown recurrent option(s) {sorted(unknown)}; known: {sorted(_DEFAULTS)}")
-    values = {**_DEFAULTS, **options}
+    values = plugin_options(config, "recurrent", _DEFAULTS, bounds={"vanish_bound": (0.0, 1.0), "explode_gain": (1.0, None)})
     bound, gain = values["vanish_bound"], values["explode_gain"]
-    if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not 0 < bound < 1:
-        raise GradWatchError(f"recurrent vanish_bound must be a number in (0, 1), e.g. 1e-6; got {bound!r}")
-    if isinstance(gain, bool) or not isinstance(gain, (int, float)) or gain < 1:
-        raise GradWatchError(f"recurrent explode_gain must be a number >= 1, e.g. 1.2; got {gain!r}")
     ctx.stash[KEY] = RecurrentState(vanish_bound=float(bound), explode_gain=float(gain))
 
 
@@ -175,6 +168,7 @@ def gradwatch_diagnose(window: StatsWindow, model: ModelInfo, ctx: StepContext) 
                         f"bounds a gradient over the {seq_len} steps seen by {bound:.2e} "
                         f"(it cannot learn dependencies beyond about {horizon:.0f} steps)"
                     ),
+                    summary=f"gradient bound (γ·max σ′)^T = {num(bound)} over T = {seq_len} steps (γ·max σ′ = {num(gain)})",
                     evidence=evidence,
                     source="recurrent",
                 )
@@ -191,6 +185,7 @@ def gradwatch_diagnose(window: StatsWindow, model: ModelInfo, ctx: StepContext) 
                         f"gradients through time can explode in {name!r}: recurrent spectral radius {gamma:.3g} "
                         f"(γ·max σ′ = {gain:.3g} > 1) allows growth up to {_fmt(bound)}× over {seq_len} steps"
                     ),
+                    summary=f"recurrent γ·max σ′ = {num(gain)} over T = {seq_len} steps",
                     evidence=evidence,
                     source="recurrent",
                 )

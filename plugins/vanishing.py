@@ -43,25 +43,17 @@ quarters) changes; it is re-armed when the condition clears.
 from __future__ import annotations
 
 import math
-from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from gradwatch import (
-    Diagnosis,
-    GradBatch,
-    GradWatchError,
-    ModelInfo,
-    Severity,
-    StashKey,
-    StatsWindow,
-    StepContext,
-    WatchConfig,
-    hookimpl,
-)
+from gradwatch import Diagnosis, GradBatch, ModelInfo, Severity, StashKey, StatsWindow, StepContext, WatchConfig, hookimpl
+from gradwatch.kit import fit_decay, float_tensors, num, plugin_options, profile, weight_layers
+
+if TYPE_CHECKING:
+    from gradwatch.stats import History
 
 _DEFAULTS: dict[str, Any] = {
     "ratio": 1e-3,
@@ -84,51 +76,15 @@ class _State:
     position: dict[int, int] = field(default_factory=dict)
     sums: torch.Tensor | None = None  # float64 [2, M]: sum of squares, element count
     perm: torch.Tensor | None = None
-    rows: dict[str, deque[tuple[int, torch.Tensor]]] = field(default_factory=dict)
     reported: tuple[Any, ...] | None = None
 
 
 KEY = StashKey[_State]()
 
 
-def weight_layers(model: ModelInfo) -> list[int]:
-    """Columns of the layers the depth detectors judge: weights of ≥ 2 dimensions, no embeddings."""
-    out = []
-    for layer in model.layers:
-        weight = getattr(layer.module, "weight", None)
-        if (
-            isinstance(weight, torch.Tensor)
-            and weight.dim() >= 2
-            and "weight" in layer.param_names
-            and not isinstance(layer.module, (nn.Embedding, nn.EmbeddingBag))
-        ):
-            out.append(layer.index)
-    return out
-
-
-def _validate(opts: Any, defaults: dict[str, Any], plugin: str) -> dict[str, Any]:
-    unknown = set(opts) - set(defaults)
-    if unknown:
-        raise GradWatchError(f"unknown {plugin} option(s) {sorted(unknown)}; known: {sorted(defaults)}")
-    merged = {**defaults, **opts}
-    for name, default in defaults.items():
-        value = merged[name]
-        if isinstance(default, bool):
-            if not isinstance(value, bool):
-                raise GradWatchError(f"{plugin} option {name} must be True or False, got {value!r}")
-        elif isinstance(default, int):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise GradWatchError(f"{plugin} option {name} must be a positive integer, got {value!r}")
-        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
-            raise GradWatchError(f"{plugin} option {name} must be a positive number (default {default}), got {value!r}")
-    return merged
-
-
 @hookimpl
 def gradwatch_configure(config: WatchConfig, ctx: StepContext) -> None:
-    opts = _validate(config.plugin_options("vanishing"), _DEFAULTS, "vanishing")
-    if opts["max_decay"] >= 1:
-        raise GradWatchError(f"vanishing option max_decay must be below 1 (a shrinking trend), got {opts['max_decay']}")
+    opts = plugin_options(config, "vanishing", _DEFAULTS, bounds={"max_decay": (0.0, 1.0)})
     ctx.stash[KEY] = _State(opts=opts)
 
 
@@ -145,16 +101,6 @@ def gradwatch_attach(model: ModelInfo, ctx: StepContext) -> None:
     state.sums = torch.zeros(2, len(state.modules), dtype=torch.float64, device=device)
 
 
-def _outputs(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out] if out.requires_grad and out.is_floating_point() else []
-    if isinstance(out, (tuple, list)):
-        return [t for item in out for t in _outputs(item)]
-    if isinstance(out, dict):
-        return [t for item in out.values() for t in _outputs(item)]
-    return []
-
-
 def _probe(state: _State, index: int) -> Any:
     def on_grad(grad: torch.Tensor) -> None:
         # Sampled steps only, on device; float64 so 1e-30 does not square to zero.
@@ -167,8 +113,9 @@ def _probe(state: _State, index: int) -> Any:
         # The tensor hook dies with the graph; it fires for every call of a shared module,
         # and sees the gradient of the value before a later in-place op (ReLU(inplace=True)).
         if torch.is_grad_enabled():
-            for t in _outputs(out):
-                t.register_hook(on_grad)
+            for t in float_tensors(out):
+                if t.requires_grad:
+                    t.register_hook(on_grad)
 
     return hook
 
@@ -188,69 +135,24 @@ def gradwatch_collect(grads: GradBatch, ctx: StepContext) -> dict[str, torch.Ten
     return {BACKPROP_KEY: rms.float()}
 
 
-def _keep(state: _State, name: str, steps: torch.Tensor, values: torch.Tensor, last_step: int) -> None:
-    rows = state.rows.setdefault(name, deque())
-    for step, row in zip(steps.tolist(), values):
-        rows.append((int(step), row))
-    while rows and rows[0][0] <= last_step - state.opts["window"]:
-        rows.popleft()
-
-
-def profile(rows: deque[tuple[int, torch.Tensor]], columns: list[int]) -> torch.Tensor:
-    """Geometric mean over rows per column, ignoring zero, missing and non-finite values."""
-    values = torch.stack([row for _, row in rows])[:, columns].double()
-    ok = torch.isfinite(values) & (values > 0)
-    logs = torch.where(ok, values.clamp_min(1e-300).log(), torch.zeros_like(values))
-    count = ok.sum(0)
-    return torch.where(count > 0, (logs.sum(0) / count.clamp_min(1)).exp(), math.nan)
-
-
-def fit_decay(v: torch.Tensor) -> float:
-    """``exp(-slope)`` of the least-squares fit of ``log v`` over depth (finite entries)."""
-    x = torch.arange(v.numel(), dtype=torch.float64)
-    ok = torch.isfinite(v) & (v > 0)
-    x, y = x[ok], v[ok].log()
-    if x.numel() < 2:
-        return math.nan
-    xc = x - x.mean()
-    slope = float((xc * (y - y.mean())).sum() / xc.square().sum())
-    return math.exp(-slope)
-
-
 @hookimpl
-def gradwatch_diagnose(window: StatsWindow, model: ModelInfo, ctx: StepContext) -> list[Diagnosis] | None:
+def gradwatch_diagnose(window: StatsWindow, model: ModelInfo, history: History, ctx: StepContext) -> list[Diagnosis] | None:
     state = ctx.stash[KEY]
     opts = state.opts
-    last = window.last_step
-    if len(window):
-        _keep(state, "weight_grad", window.steps, window.grad_rms, last)
-    series = window.extras.get(BACKPROP_KEY)
-    if series is not None and len(series.steps):
-        _keep(state, "backprop", series.steps, series.values, last)
-    if len(window.weight_norm.steps) and len(window):
-        at = {int(s): k for k, s in enumerate(window.steps.tolist())}
-        pairs = [(k, at[int(s)]) for k, s in enumerate(window.weight_norm.steps.tolist()) if int(s) in at]
-        if pairs:
-            w = window.weight_norm.values[[p for p, _ in pairs]]
-            g = window.grad_norm[[q for _, q in pairs]]
-            steps = window.weight_norm.steps[[p for p, _ in pairs]]
-            _keep(state, "grad_to_weight", steps, g / w.clamp_min(1e-30), last)
-    loss = window.extras.get("core.loss")
-    if loss is not None and len(loss.steps):
-        _keep(state, "loss", loss.steps, loss.values.reshape(-1, 1), last)
+    recent = history.since(window.last_step - opts["window"] + 1)
     columns = weight_layers(model)
+    names = [history.layers[c] for c in columns]
     depth = len(columns)
     if depth < opts["min_depth"]:
-        return _tiny(state, columns, [window.layers[c] for c in columns], opts)
+        return _tiny(state, recent, columns, names, opts)
     verdict = None
-    for signal in ("backprop", "weight_grad", "grad_to_weight"):
-        rows = state.rows.get(signal)
-        if not rows or len(rows) < opts["min_rows"]:
+    for signal, (steps, rows) in _signals(recent).items():
+        if len(steps) < opts["min_rows"]:
             continue
-        verdict = _judge(signal, profile(rows, columns), [window.layers[c] for c in columns], rows[0][0], opts)
+        verdict = _judge(signal, profile(rows, columns), names, int(steps[0]), opts)
         break
     if verdict is None:
-        return _tiny(state, columns, [window.layers[c] for c in columns], opts)
+        return _tiny(state, recent, columns, names, opts)
     # Noise moves a layer or two across the starved line between intervals: that is the
     # same condition, and so is the same starvation seen first in the weight gradients and
     # then in the backprop signal: the key is the share of the stack starved, in quarters.
@@ -261,14 +163,30 @@ def gradwatch_diagnose(window: StatsWindow, model: ModelInfo, ctx: StepContext) 
     return [verdict]
 
 
-def _tiny(state: _State, columns: list[int], names: list[str], opts: dict[str, Any]) -> list[Diagnosis] | None:
+def _signals(recent: History) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``(steps, [S, L] rows)`` of each signal over the judged window, best first."""
+    backprop = recent.extras.get(BACKPROP_KEY)
+    out = {}
+    if backprop is not None:
+        out["backprop"] = (backprop.steps, backprop.values)
+    out["weight_grad"] = (recent.steps, recent.grad_rms)
+    # ‖g‖/‖w‖ on the sampled steps that also read gradients (all of them do).
+    at = {int(s): k for k, s in enumerate(recent.steps.tolist())}
+    pairs = [(k, at[int(s)]) for k, s in enumerate(recent.weight_norm.steps.tolist()) if int(s) in at]
+    w = recent.weight_norm.values[[p for p, _ in pairs]]
+    g = recent.grad_norm[[q for _, q in pairs]]
+    out["grad_to_weight"] = (recent.weight_norm.steps[[p for p, _ in pairs]], g / w.clamp_min(1e-30))
+    return out
+
+
+def _tiny(state: _State, recent: History, columns: list[int], names: list[str], opts: dict[str, Any]) -> list[Diagnosis] | None:
     """Tiny gradients everywhere while the recorded loss stays on a plateau."""
-    rows, losses = state.rows.get("weight_grad"), state.rows.get("loss")
-    if not columns or not rows or not losses or len(rows) < opts["min_rows"] or len(losses) < 3 * opts["min_rows"]:
+    losses = recent.loss
+    if not columns or len(recent) < opts["min_rows"] or len(losses.steps) < 3 * opts["min_rows"]:
         state.reported = None
         return None
-    v = profile(rows, columns)
-    loss = torch.stack([value.reshape(()) for _, value in losses]).double()
+    v = profile(recent.grad_rms, columns)
+    loss = losses.values.double()
     third = max(1, loss.numel() // 3)
     before, after = float(loss[:third].mean()), float(loss[-third:].mean())
     gmax = float(torch.nan_to_num(v, nan=0.0).max()) if v.numel() else math.nan  # all-zero columns are NaN in the profile
@@ -284,13 +202,14 @@ def _tiny(state: _State, columns: list[int], names: list[str], opts: dict[str, A
         Diagnosis(
             kind="vanishing",
             severity=Severity.WARNING,
-            step=losses[0][0],
+            step=int(losses.steps[0]),
             layers=tuple(names),
             message=(
                 f"every layer's gradient RMS is below {opts['tiny']:.0e} (largest {gmax:.1e}) while the loss "
                 f"stays at {after:.3g} ({100 * drop:+.2f}% over the window): the network has stopped learning "
                 "without converging"
             ),
+            summary=f"largest layer gradient RMS {num(gmax)} while the loss stays at {num(after)}",
             evidence={
                 "ratio": None,
                 "decay_per_layer": None,
@@ -339,6 +258,7 @@ def _judge(signal: str, v: torch.Tensor, names: list[str], first_step: int, opts
             f"{what} shrink ×{decay:.2f} per layer toward the input: the first {quarter} of {depth} layers get "
             f"{ratio:.1e} of the RMS of the last {quarter}, so {len(starved)} early layer(s) barely learn"
         ),
+        summary=f"early/late gradient RMS ratio {num(ratio)}, ×{num(decay)} per layer over {depth} layers ({signal})",
         evidence={
             "ratio": ratio,
             "decay_per_layer": decay,

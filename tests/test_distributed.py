@@ -32,8 +32,8 @@ def _worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
                 opt.zero_grad()
         torch.save(
             {
-                "rank_seen": gw._ctx().rank,
-                "world_seen": gw._ctx().world_size,
+                "rank_seen": gw.context().rank,
+                "world_seen": gw.world_size,
                 "names": gw.model_info.names,
                 "grad_norm": gw.history.grad_norm,
                 "update_ratio": gw.history.update_ratio.values,

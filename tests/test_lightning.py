@@ -149,7 +149,9 @@ class Flag:
 # ---------------------------------------------------------------------- import and classes
 
 
-def test_import_gradwatch_imports_no_lightning() -> None:
+def test_gradwatch_lightning_imports_its_package_only_when_resolved() -> None:
+    """Importing gradwatch.lightning imports no Lightning; resolving GradWatch imports pytorch_lightning only
+    (tests/test_project.py checks that `import gradwatch` alone imports none)."""
     code = (
         "import sys, gradwatch, gradwatch.lightning\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('pytorch_lightning', 'lightning', 'lightning_fabric')]\n"

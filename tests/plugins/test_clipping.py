@@ -19,15 +19,6 @@ from gradwatch.testing import high_lr_mlp, nan_model, regression_batches, relu_m
 RECORD = "clipping.step"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small CPU models on a shared machine: intra-op threads only add contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _grads(model: nn.Module) -> list[torch.Tensor]:
     return [p.grad.clone() for p in model.parameters() if p.grad is not None]
 

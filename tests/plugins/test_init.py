@@ -14,14 +14,6 @@ import gradwatch
 from gradwatch.testing import relu_mlp, residual_convnet, sigmoid_mlp, train, transformer_encoder
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _run(model, steps=4, batches=None, **kw):
     opt = torch.optim.SGD(model.parameters(), lr=0.001)
     with gradwatch.watch(

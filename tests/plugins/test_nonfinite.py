@@ -174,11 +174,10 @@ def test_hook_gradwatch_diagnose_finite_run_reports_nothing_and_eval_forwards_ar
 def test_amp_skip_is_not_a_nonfinite_error():
     """A step GradScaler skipped (window.amp_skips) holds Inf gradients by design."""
     from gradwatch import Series, StatsWindow
-    from gradwatch.plugins import nonfinite
+    from gradwatch.testing import diagnose
 
     model = nan_model(at=10**9)
-    gw = gradwatch.watch(model, report=False)
-    layers = gw.model_info.names
+    layers = gradwatch.Watcher(model, config=gradwatch.WatchConfig(report=False)).model_info.names
     nonfinite_counts = torch.zeros(2, len(layers))
     nonfinite_counts[1] = 1.0  # every layer's gradient non-finite at step 4
     empty = Series(torch.zeros(0, dtype=torch.int64), torch.zeros(0, len(layers)))
@@ -187,12 +186,14 @@ def test_amp_skip_is_not_a_nonfinite_error():
         grad_max=torch.ones(2, len(layers)), nonfinite=nonfinite_counts, present=torch.ones(2, len(layers)),
         total_norm=torch.ones(2), weight_norm=empty, update_ratio=empty, amp_skips=(4,), first_step=0, last_step=7,
     )  # fmt: skip
-    ctx = gw._ctx()
-    assert nonfinite.gradwatch_diagnose(window=window, model=gw.model_info, ctx=ctx) is None
-    flagged = dataclasses.replace(window, amp_skips=())
-    (d,) = nonfinite.gradwatch_diagnose(window=flagged, model=gw.model_info, ctx=ctx)
+
+    def found(window):
+        with gradwatch.watch(model, report=False) as gw:
+            return [d for d in diagnose(gw, window) if d.kind == "nonfinite"], gw.actions
+
+    assert found(window) == ([], [gradwatch.Action(kind="amp_skip", step=4, source="core")])
+    (d,), _ = found(dataclasses.replace(window, amp_skips=()))
     assert (d.step, d.evidence["where"], d.layers) == (4, "gradient", (layers[-1],))
-    gw.detach(report=False)
 
 
 def test_sampled_mode_names_nan_on_sampled_step_only():

@@ -16,15 +16,6 @@ import gradwatch
 from gradwatch.testing import exploding_rnn, lstm_model, sequence_batches, train, vanilla_rnn
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two cores shared by several sessions: one intra-op thread avoids oversubscription.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _run(model, steps=8, seq_len=100, **kw):
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     with gradwatch.watch(

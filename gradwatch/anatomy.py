@@ -1,4 +1,9 @@
-"""Model anatomy shared by the ``init`` and ``advisor`` plugins (not a plugin itself).
+"""Model anatomy: what detectors and remedies need to know about the user's model.
+
+Not a plugin: the built-in plugins (``vanishing``, ``exploding``, ``init``, ``advisor``)
+and third-party ones use it alike. It holds the one definition of a *weight layer*
+(:func:`is_weight_layer`: a module whose ``weight`` has two or more dimensions, embeddings
+excepted), which every depth rule and every remedy counts.
 
 What a remedy needs to know about the user's model: which activation follows each
 weight layer (modules, and functional calls where ``torch.fx`` can trace the model),
@@ -20,12 +25,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradwatch import ModelInfo, StashKey, StepContext
+from gradwatch.stash import StashKey
+from gradwatch.types import ModelInfo, StepContext
 
 __all__ = [
     "Anatomy",
     "LayerScale",
-    "WEIGHT_TYPES",
+    "INIT_TYPES",
+    "is_weight_layer",
+    "weight_layers",
     "NORM_TYPES",
     "anatomy",
     "cached",
@@ -34,8 +42,27 @@ __all__ = [
     "setter",
 ]
 
-#: Layers whose weight scale gradwatch judges (a weight of two or more dimensions).
-WEIGHT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: Weight layers whose initialisation scale is judged: those whose fan-in and fan-out
+#: ``torch.nn.init`` computes right (a transposed weight, like Hugging Face's ``Conv1D``,
+#: would be judged against the wrong fan).
+INIT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
+
+
+def is_weight_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a weight layer: it owns a ``weight`` of two or more dimensions
+    (a matrix or a kernel: ``Linear``, ``Conv*``, Hugging Face's ``Conv1D``, ``Bilinear``…)
+    and is not an embedding (whose gradient touches only the rows a batch used)."""
+    weight = module._parameters.get("weight") if hasattr(module, "_parameters") else None
+    return isinstance(weight, torch.Tensor) and weight.dim() >= 2 and not isinstance(module, _EMBEDDINGS)
+
+
+def weight_layers(model: ModelInfo) -> list[int]:
+    """Columns (``ModelInfo.layers`` positions, forward order) of the weight layers whose
+    weight gradwatch watches: what "depth" means in every depth rule."""
+    return [layer.index for layer in model.layers if "weight" in layer.param_names and is_weight_layer(layer.module)]
+
+
 NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._NormBase,
     nn.LayerNorm,
@@ -94,7 +121,7 @@ class Anatomy:
     Attributes:
         traced: Whether ``torch.fx.symbolic_trace`` traced the model.
         trace_error: Why it did not (first line of the exception), else ``None``.
-        weight_layers: Names of the :data:`WEIGHT_TYPES` layers, in forward order.
+        weight_layers: Names of the weight layers (:func:`is_weight_layer`), in forward order.
         activation_after: For each weight layer, ``(where, kind)`` of the first activation
             its output reaches before the next weight layer (``where`` is a module name or
             ``"functional torch.sigmoid"``), or ``None``.
@@ -162,6 +189,10 @@ def _is_module(node: torch.fx.Node, modules: dict[str, nn.Module], types: tuple[
     return node.op == "call_module" and isinstance(modules.get(str(node.target)), types)
 
 
+def _is_weight(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+    return node.op == "call_module" and is_weight_layer(modules.get(str(node.target), nn.Module()))
+
+
 def _reaches(src: torch.fx.Node, dst: torch.fx.Node, limit: int = 10_000) -> bool:
     """Whether ``src`` is an ancestor of ``dst``."""
     stack, seen = [dst], set()
@@ -195,11 +226,11 @@ def anatomy(model: nn.Module, forward_order: list[str] | None = None) -> Anatomy
     residuals: list[str] = []
     if graph is not None:
         nodes = list(graph.nodes)
-        weight_nodes = [n for n in nodes if _is_module(n, modules, WEIGHT_TYPES)]
+        weight_nodes = [n for n in nodes if _is_weight(n, modules)]
         weight_layers = list(dict.fromkeys(str(n.target) for n in weight_nodes))
         last_layer: str | None = None
         for node in nodes:
-            if _is_module(node, modules, WEIGHT_TYPES):
+            if _is_weight(node, modules):
                 last_layer = str(node.target)
             act = _act_kind(node, modules)
             if act is not None and act[0].startswith("functional"):
@@ -216,7 +247,7 @@ def anatomy(model: nn.Module, forward_order: list[str] | None = None) -> Anatomy
                 if nxt in seen or len(seen) > 50:
                     continue
                 seen.add(nxt)
-                if _is_module(nxt, modules, WEIGHT_TYPES) or _is_module(nxt, modules, RECURRENT_TYPES):
+                if _is_weight(nxt, modules) or _is_module(nxt, modules, RECURRENT_TYPES):
                     continue
                 if _is_module(nxt, modules, NORM_TYPES):
                     normed.add(name)
@@ -239,17 +270,17 @@ def anatomy(model: nn.Module, forward_order: list[str] | None = None) -> Anatomy
         # torch.nn's own containers are fx leaves: their residual additions are known by type.
         residuals += [f"{n} ({type(m).__name__})" for n, m in modules.items() if isinstance(m, _NN_RESIDUAL)]
         seen = set(weight_layers)
-        weight_layers += [n for n, m in modules.items() if isinstance(m, WEIGHT_TYPES) and n not in seen]
+        weight_layers += [n for n, m in modules.items() if is_weight_layer(m) and n not in seen]
     else:
         # Module order: forward order for the layers gradwatch saw run, then definition order.
         rank = {n: k for k, n in enumerate(forward_order or ())}
         leaves = [(n, m) for n, m in modules.items() if next(m.children(), None) is None]
-        weight_layers = sorted((n for n, m in leaves if isinstance(m, WEIGHT_TYPES)), key=lambda n: rank.get(n, len(rank)))
+        weight_layers = sorted((n for n, m in leaves if is_weight_layer(m)), key=lambda n: rank.get(n, len(rank)))
         position = {n: k for k, (n, _) in enumerate(leaves)}
         for name in weight_layers:
             after[name] = None
             for other, module in leaves[position[name] + 1 :]:
-                if isinstance(module, WEIGHT_TYPES + RECURRENT_TYPES):
+                if is_weight_layer(module) or isinstance(module, RECURRENT_TYPES):
                     break
                 if isinstance(module, NORM_TYPES):
                     normed.add(name)
@@ -331,8 +362,8 @@ def _slope(model: nn.Module, where: str) -> float:
 
 
 def init_scales(model: nn.Module, anat: Anatomy, stds: dict[str, float] | None = None) -> list[LayerScale]:
-    """Each weight layer followed by an activation (and not by a normalisation layer),
-    in forward order, with its measured and expected weight std.
+    """Each weight layer of :data:`INIT_TYPES` followed by an activation (and not by a
+    normalisation layer), in forward order, with its measured and expected weight std.
 
     Args:
         model: The model.
@@ -345,6 +376,8 @@ def init_scales(model: nn.Module, anat: Anatomy, stds: dict[str, float] | None =
         if act is None or name in anat.normed:
             continue  # the scale of a layer feeding a norm layer (or the loss) does not compound
         module = model.get_submodule(name)
+        if not isinstance(module, INIT_TYPES):
+            continue
         weight = module.weight
         fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(weight)
         where, kind = act

@@ -1,0 +1,127 @@
+"""Hooks gradwatch puts on the user's modules and optimizers, and how they are removed.
+
+* :class:`Hook` wraps every function gradwatch registers: a watcher's own methods are held
+  weakly (a watcher dropped without ``detach()`` can still be collected), and a deep copy or
+  a pickle of an attached model gets an inert function instead of a copy of the watcher.
+* :class:`Probes` holds the module hooks plugins register through ``ctx.probes``: sampled
+  ones are installed only for the forwards of sampled steps; permanent ones for every
+  forward. The watcher removes them all on detach.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+if TYPE_CHECKING:
+    from gradwatch.watch import Watcher
+
+__all__ = ["Hook", "Probes", "remove_all"]
+
+
+def _inert(*args: object, **kwargs: object) -> None:
+    """What a gradwatch hook becomes in a deep copy or a pickle of an attached model."""
+    return None
+
+
+class Hook:
+    """A hook registered by gradwatch.
+
+    A watcher's own methods are held weakly, so a watcher that is dropped without
+    ``detach()`` can still be collected (its hooks then do nothing). A deep copy or a
+    pickle of the model (an EMA copy taken mid-training, a checkpoint) gets an inert
+    hook instead of a copy of the watcher.
+    """
+
+    __slots__ = ("_fn", "_method")
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self._method = weakref.WeakMethod(fn) if hasattr(fn, "__self__") and hasattr(fn, "__func__") else None
+        self._fn = None if self._method is not None else fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        fn = self._fn if self._method is None else self._method()
+        return None if fn is None else fn(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict[int, object]) -> Callable[..., None]:
+        return _inert
+
+    def __reduce__(self) -> tuple[Callable[..., None], tuple[()]]:
+        return _inert_factory, ()
+
+
+def _inert_factory() -> Callable[..., None]:
+    return _inert
+
+
+class Probes:
+    """Module hooks registered by plugins through the watcher, so detach removes them.
+
+    Sampled hooks are installed only for the forward passes of sampled steps (every
+    ``sample_every`` steps) and removed when the step closes, so other steps pay nothing.
+    """
+
+    def __init__(self, watcher: Watcher) -> None:
+        self._watcher = weakref.ref(watcher)
+        self._sampled: list[tuple[nn.Module, str, Callable[..., Any], dict[str, Any]]] = []
+        self._installed: list[RemovableHandle] = []
+        self.permanent: list[RemovableHandle] = []
+
+    def forward_hook(self, module: nn.Module, fn: Callable[..., Any], *, sampled: bool = True, **kwargs: Any) -> None:
+        """Register ``fn`` as a forward hook of ``module`` (``kwargs`` as for
+        ``nn.Module.register_forward_hook``)."""
+        self._add(module, "register_forward_hook", fn, sampled, kwargs)
+
+    def forward_pre_hook(self, module: nn.Module, fn: Callable[..., Any], *, sampled: bool = True, **kwargs: Any) -> None:
+        """Register ``fn`` as a forward pre-hook of ``module``."""
+        self._add(module, "register_forward_pre_hook", fn, sampled, kwargs)
+
+    def add_handle(self, handle: RemovableHandle) -> None:
+        """Keep any other removable handle (a tensor hook, say) to remove on detach."""
+        self.permanent.append(handle)
+
+    def _add(self, module: nn.Module, method: str, fn: Callable[..., Any], sampled: bool, kwargs: dict[str, Any]) -> None:
+        fn = Hook(fn)
+        if sampled:
+            self._sampled.append((module, method, fn, kwargs))
+            watcher = self._watcher()
+            if watcher is not None and watcher.probing:
+                self._installed.append(getattr(module, method)(fn, **kwargs))
+        else:
+            self.permanent.append(getattr(module, method)(fn, **kwargs))
+
+    @property
+    def has_sampled(self) -> bool:
+        """Whether any plugin registered a sampled hook."""
+        return bool(self._sampled)
+
+    @property
+    def installed(self) -> bool:
+        return bool(self._installed)
+
+    def install(self) -> None:
+        if not self._installed:
+            self._installed = [getattr(m, method)(fn, **kw) for m, method, fn, kw in self._sampled]
+
+    def uninstall(self) -> None:
+        for handle in self._installed:
+            handle.remove()
+        self._installed = []
+
+    def remove_all(self) -> None:
+        self.uninstall()
+        for handle in self.permanent:
+            handle.remove()
+        self.permanent = []
+        self._sampled = []
+
+
+def remove_all(handles: list[RemovableHandle]) -> None:
+    """Remove every handle in ``handles`` and empty the list (idempotent)."""
+    for handle in handles:
+        handle.remove()
+    handles.clear()
