@@ -11,6 +11,10 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gradwatch.logfile import RunLog
 
 __all__ = ["main"]
 
@@ -36,14 +40,7 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read(path: str):  # -> RunLog
-    from gradwatch.plugins.runlog import read_log
-
-    log = read_log(path)
-    return log
-
-
-def _cut(log) -> int:
+def _cut(log: RunLog) -> int:
     """Say that the last line was cut (the run crashed mid-write), after showing what is whole.
 
     Exit code 2 like every damaged log, though the whole lines were used: scripts must not
@@ -63,9 +60,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
     """Reprint the console report of a run from its log."""
     from rich.console import Console
 
-    from gradwatch.plugins.console import render_report
+    from gradwatch.logfile import read_log
+    from gradwatch.render import render_report
 
-    log = _read(args.log)
+    log = read_log(args.log)
     console = Console(width=args.width) if args.width else Console()
     options = {"compact": args.compact, "show_all": args.all}
     if log.end is None:
@@ -84,9 +82,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _cmd_plot(args: argparse.Namespace) -> int:
     """Draw the gradient-flow heatmap and the total-norm timeline of a run."""
+    from gradwatch.logfile import read_log
     from gradwatch.plot import MissingMatplotlib, plot_run
 
-    log = _read(args.log)
+    log = read_log(args.log)
     try:
         path = plot_run(log, args.output, dpi=args.dpi, title=args.title)
     except MissingMatplotlib as exc:

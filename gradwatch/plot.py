@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from gradwatch.types import GradWatchError
 
 if TYPE_CHECKING:
-    from gradwatch.plugins.runlog import RunLog
+    from gradwatch.logfile import RunLog
 
 __all__ = ["FIGSIZE", "MissingMatplotlib", "plot_run"]
 
@@ -44,7 +44,7 @@ def plot_run(log: RunLog, output: str | os.PathLike[str], *, dpi: int = 100, tit
     skips (grey lines).
 
     Args:
-        log: The run log (:func:`gradwatch.plugins.runlog.read_log`).
+        log: The run log (:func:`gradwatch.logfile.read_log`).
         output: The image file; its suffix picks the format (``.png``, ``.svg``, ``.pdf``).
         dpi: Dots per inch.
         title: The figure title (default: the log's file name).

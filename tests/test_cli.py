@@ -14,22 +14,12 @@ import torch
 from rich.console import Console
 
 import gradwatch
-from gradwatch.plugins import runlog
-from gradwatch.plugins.console import fmt
+from gradwatch.logfile import read_log
+from gradwatch.render import fmt
 from gradwatch.testing import regression_batches, sigmoid_mlp, train
 
 ENV = {**os.environ, "GRADWATCH_DISABLE_PLUGIN_AUTOLOAD": "1", "COLUMNS": "100"}
 ENV.pop("NO_COLOR", None)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The test machines share 2 cores between processes: torch's intra-op threads then spin
-    # against each other and tiny models train 50-500x slower. One thread is deterministic too.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def gradwatch_cli(*args: str, code: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -63,13 +53,13 @@ def test_report_reprints_the_final_report(run):
     # The same report as the watch printed at its end, rebuilt from the log alone.
     assert out == _final_block(printed)
     assert "step 44 (final)" in out
-    summary = runlog.read_log(path).summary()
+    summary = read_log(path).summary()
     for layer in gw.model_info.layers:
         row = next(line for line in out.splitlines() if line.startswith(f"|{layer.name} "))
         mine = next(r for r in summary if r.name == layer.name)
         assert f" {fmt(mine.grad_norm)} " in row and f" {fmt(mine.grad_rms)} " in row
     # The last interval (steps 40-44, stats every step): the table's norms are their means.
-    last = [r for r in runlog.read_log(path).intervals][-1]
+    last = read_log(path).intervals[-1]
     first_layer = [row[0] for row in last["grad_norm"]]
     assert summary[0].grad_norm == pytest.approx(sum(first_layer) / len(first_layer), rel=1e-5)
     assert gw.diagnoses, "expected the built-in plugins to diagnose a deep sigmoid MLP"
@@ -80,10 +70,24 @@ def test_report_reprints_the_final_report(run):
     clips = [a for a in gw.actions if a.kind == "clip"]
     assert clips and f"clip: {len(clips)} steps" in out
     # The clip events' norms are the total norms logged at those steps (before clipping).
-    steps, _, totals = runlog.read_log(path).steps()
+    steps, _, totals = read_log(path).steps()
     total_at = dict(zip(steps, totals))
     assert [a.evidence["norm"] for a in clips] == pytest.approx([total_at[a.step] for a in clips], rel=1e-5)
     assert f"max norm {fmt(max(a.evidence['norm'] for a in clips))}" in out
+
+
+def test_report_and_plot_load_no_plugin(run, tmp_path):
+    """The command line reads logs with the core alone: no built-in plugin is imported."""
+    path, _, _ = run
+    code = (
+        "import sys; from gradwatch.cli import main; import gradwatch.plot; "
+        "code = main(sys.argv[1:]); "
+        "print('plugins:', sorted(m for m in sys.modules if m.startswith('gradwatch.plugins'))); sys.exit(code)"
+    )
+    result = gradwatch_cli("report", str(path), "--width", "100", code=code)
+    assert result.returncode == 0, result.stderr
+    assert "step 44 (final)" in result.stdout
+    assert result.stdout.splitlines()[-1] == "plugins: []"
 
 
 def test_report_options_and_unfinished_run(run, tmp_path):

@@ -13,20 +13,10 @@ from rich.console import Console
 
 import gradwatch
 from gradwatch import Diagnosis, GradWatchError, Remedy, Severity
-from gradwatch.plugins import console as console_plugin
+from gradwatch.flow import flow_rows
 from gradwatch.testing import ReportCatcher, TinyModel, regression_batches, relu_mlp, sigmoid_mlp, train
 
 ONLY = ["console"]  # the other built-ins stay out of the way where a test counts diagnoses
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The test machines share 2 cores between processes: torch's intra-op threads then spin
-    # against each other and tiny models train 50-500x slower. One thread is deterministic too.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _console(width: int = 100, **kwargs) -> Console:
@@ -128,7 +118,7 @@ def test_hook_gradwatch_report_numbers_match_plain_torch():
         train(model, 7, batches=regression_batches(d_in=8, d_out=2, batch=16), optimizer=opt)
 
     text = console.file.getvalue()
-    rows = {row.name: row for row in console_plugin.flow_rows(catch.reports[-1])}
+    rows = {row.name: row for row in flow_rows(catch.reports[-1])}
     for name in ("linear1", "linear2"):
         mean_norm = sum(n[name] for n in norms) / len(norms)
         mean_rms = sum(r[name] for r in rms) / len(rms)
@@ -202,12 +192,10 @@ def test_collapse_runs_of_alike_layers_and_show_all():
     with gradwatch.watch(model, opt, stats_every=1, console=console, plugins=[catch], disable=_others(), autoload=False):
         train(model, 3, optimizer=opt)
     text = console.file.getvalue()
-    rows = console_plugin.flow_rows(catch.reports[-1])
+    rows = flow_rows(catch.reports[-1])
     assert len(rows) == 60
     # First and last layer of the run shown, the 58 between collapsed into one row of medians.
     cells = _row(text, "2-116 (x58)")
-    import statistics
-
     assert float(cells[2]) == pytest.approx(statistics.median(r.grad_norm for r in rows[1:59]), rel=6e-3)
     assert _row(text, "0") and _row(text, "118")
     assert sum(1 for line in text.splitlines() if line.startswith("|") and "Linear" in line) == 3
@@ -298,29 +286,3 @@ def test_real_run_report_shows_every_diagnosis_and_remedy():
             assert _flat(remedy.rationale) in _flat(text)
     names = [layer.name for layer in gw.model_info.layers]
     assert all(_row(text, name) for name in names)
-
-
-def _rows(names_and_status, norm=1.0):
-    return [console_plugin.FlowRow(name=n, type_name="Linear", grad_norm=norm * (k + 1), grad_rms=0.1, update_ratio=math.nan,
-                                   nonfinite=0, status=s) for k, (n, s) in enumerate(names_and_status)]  # fmt: skip
-
-
-def test_collapse_repeated_blocks():
-    rows = _rows([(f"blocks.{i}.{part}", "ok") for i in range(30) for part in ("fc1", "fc2")])
-    out = console_plugin.collapse(rows, max_rows=40)
-    assert [r.name for r in out] == [
-        "blocks.0.fc1",
-        "blocks.0.fc2",
-        "blocks.1–28.fc1",
-        "blocks.1–28.fc2",
-        "blocks.29.fc1",
-        "blocks.29.fc2",
-    ]
-    assert out[2].count == 28 and out[2].grad_norm == statistics.median(r.grad_norm for r in rows[2:58:2])
-    assert console_plugin.collapse(rows, max_rows=60) == rows  # short enough: nothing collapses
-
-
-def test_collapse_never_merges_across_a_status_change():
-    rows = _rows([(f"layers.{i}", "vanishing" if i < 10 else "ok") for i in range(50)])
-    out = [r.name for r in console_plugin.collapse(rows, max_rows=40, dash="-")]
-    assert out == ["layers.0", "layers.1-8", "layers.9", "layers.10", "layers.11-48", "layers.49"]
