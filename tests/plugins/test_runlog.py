@@ -104,7 +104,7 @@ class Events:
         return [self.diagnosis] if window.first_step == 0 else None
 
     @gradwatch.hookimpl
-    def gradwatch_actions(self, window):
+    def gradwatch_read_actions(self, window):
         if window.first_step:
             return None
         return [Action(kind="clip", step=1, evidence={"norm": 3.0, "threshold": 1.0, "coefficient": 1 / 3}, source="events"),
