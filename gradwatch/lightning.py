@@ -32,16 +32,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from gradwatch._door import LogTap, capture_console, check_log_layers, log_metrics, print_text, take_text
 from gradwatch.config import WatchConfig
-from gradwatch.hookspecs import hookimpl
 from gradwatch.manager import plugin_manager
 from gradwatch.types import Diagnosis, GradWatchError, GradWatchWarning
 from gradwatch.watch import Watcher
 
 if TYPE_CHECKING:
     from rich.console import Console
-
-    from gradwatch.stats import GradBatch
 
 __all__ = ["GradWatch", "GradWatchCallback", "LightningGradWatch", "callback_class"]
 
@@ -50,31 +48,6 @@ __all__ = ["GradWatch", "GradWatchCallback", "LightningGradWatch", "callback_cla
 STATE_KEY = "GradWatch"
 
 _PACKAGES = ("pytorch_lightning", "lightning.pytorch")
-_LOG_LAYERS = ("auto", "all", "aggregate", "none")
-#: ``log_layers="auto"`` logs every layer up to this many, aggregates beyond.
-AUTO_ALL_LAYERS = 32
-
-
-class _LogTap:
-    """Per-watcher plugin that keeps the step's norms, on device, on logging steps only.
-
-    Runs first in the act stage (``tryfirst``), so it sees the gradients before any
-    clipping plugin scales them, and reuses the per-tensor norms the core statistics
-    already computed on statistics steps (``GradBatch`` caches them).
-    """
-
-    gradwatch_name = "lightning"
-
-    def __init__(self) -> None:
-        self.wanted = False
-        self.total: torch.Tensor | None = None
-        self.layers: torch.Tensor | None = None
-
-    @hookimpl(tryfirst=True)
-    def gradwatch_act(self, grads: GradBatch) -> None:
-        if self.wanted:
-            self.total = grads.total_norm()
-            self.layers = grads.layer_norms()
 
 
 class GradWatchCallback:
@@ -134,18 +107,14 @@ class GradWatchCallback:
         log_layers: str | int = "auto",
         **options: Any,
     ) -> None:
-        if isinstance(log_layers, bool) or not (log_layers in _LOG_LAYERS or (isinstance(log_layers, int) and log_layers > 0)):
-            raise GradWatchError(
-                f"log_layers must be one of {', '.join(map(repr, _LOG_LAYERS))} or a positive int k "
-                f"(the k largest layer norms), got {log_layers!r}"
-            )
+        check_log_layers(log_layers)
         self.config = WatchConfig.from_options(options, door="GradWatch()", door_names=("console", "log_metrics", "log_layers"))
         plugin_manager(self.config)  # the plugin set resolved now: bad names fail here, not at setup
         self.log_metrics = log_metrics
         self.log_layers = log_layers
         self._user_console = console
         self.watchers: list[Watcher] = []
-        self._taps: list[_LogTap] = []
+        self._taps: list[LogTap] = []
         self._buffers: list[io.StringIO] = []
         self._labels: list[str] = []
         self._by_optimizer: dict[int, int] = {}
@@ -319,14 +288,14 @@ class GradWatchCallback:
             for optimizer in optimizers:
                 shares.append([p for g in optimizer.param_groups for p in g["params"] if id(p) in trainable])
         for i, params in enumerate(shares):
-            tap = _LogTap()
+            tap = LogTap("lightning")
             buffer = io.StringIO()
             config = self.config.replace(plugins=(*self.config.plugins, tap))
             watcher = Watcher(
                 pl_module,
                 None,
                 config=config,
-                console=self._user_console if self._user_console is not None else _capture_console(buffer),
+                console=self._user_console if self._user_console is not None else capture_console(buffer),
                 params=params,
             )
             watcher.attach()
@@ -368,58 +337,24 @@ class GradWatchCallback:
         while it is ``live``."""
         if index >= len(self._buffers):
             return
-        buffer = self._buffers[index]
-        if not buffer.tell():
+        text = take_text(self._buffers[index])
+        if not text:
             return
-        text = buffer.getvalue().rstrip("\n")
-        buffer.seek(0)
-        buffer.truncate()
         label = self._labels[index]
         if label:
             text = f"gradwatch · optimizer {label[3:]}\n{text}"
         bar = self._progress_bar
-        if live and bar is not None and getattr(bar, "is_enabled", False) and type(bar).__name__ != "RichProgressBar":
-            # TQDM: tqdm.write clears the bars, prints above them and redraws them.
-            bar.print(text)
-        else:
-            # Rich's global console prints above a live display (RichProgressBar).
-            from rich import get_console
-            from rich.text import Text
-
-            get_console().print(Text.from_ansi(text), soft_wrap=True)
+        # TQDM: tqdm.write clears the bars, prints above them and redraws them; rich's
+        # global console prints above a live display (RichProgressBar).
+        tqdm = live and bar is not None and getattr(bar, "is_enabled", False) and type(bar).__name__ != "RichProgressBar"
+        print_text(text, bar.print if tqdm else None)
 
     def _metrics(self, index: int) -> dict[str, Any]:
-        watcher, tap = self.watchers[index], self._taps[index]
         prefix = f"grad/{self._labels[index]}/" if self._labels[index] else "grad/"
-        assert tap.total is not None and tap.layers is not None
-        metrics: dict[str, Any] = {f"{prefix}norm_total": tap.total}
-        names = watcher.model_info.names
-        mode = self.log_layers
-        if mode == "auto":
-            mode = "all" if len(names) <= AUTO_ALL_LAYERS else "aggregate"
-        if mode == "all":
-            metrics.update({f"{prefix}norm/{_key(n)}": v for n, v in zip(names, tap.layers.unbind())})
-        elif isinstance(mode, int):
-            # The one host read of a logging step: which layers are the k largest.
-            top = torch.topk(tap.layers, min(mode, len(names))).indices.tolist()
-            metrics.update({f"{prefix}norm/{_key(names[k])}": tap.layers[k] for k in top})
-        elif mode == "aggregate":
-            lo, hi = torch.aminmax(tap.layers)
-            metrics.update({f"{prefix}norm_min": lo, f"{prefix}norm_max": hi, f"{prefix}norm_mean": tap.layers.mean()})
-        counts: dict[str, int] = {}
-        for d in watcher.diagnoses:
-            counts[d.kind] = counts.get(d.kind, 0) + 1
-        metrics.update({f"{prefix}diagnoses/{kind}": float(n) for kind, n in sorted(counts.items())})
-        metrics[f"{prefix}clips"] = float(sum(1 for a in watcher.actions if a.kind == "clip"))
-        tap.total = tap.layers = None
-        return metrics
+        return log_metrics(self.watchers[index], self._taps[index], prefix=prefix, log_layers=self.log_layers)
 
 
 GradWatchCallback.__doc__ = GradWatchCallback.__doc__.replace("{options}", WatchConfig.options_doc(indent=12))  # type: ignore[union-attr]
-
-
-def _key(name: str) -> str:
-    return name or "(root)"
 
 
 def _logs_now(trainer: Any) -> bool:
@@ -435,21 +370,6 @@ def _logs_now(trainer: Any) -> bool:
     if done is None:  # a Lightning without that counter: the optimizer step count is close
         done = trainer.global_step
     return (done + 1) % every == 0 or bool(getattr(trainer, "should_stop", False))
-
-
-def _capture_console(buffer: io.StringIO) -> Console:
-    """A console that renders into ``buffer`` with the terminal's width and colours."""
-    from rich import get_console
-    from rich.console import Console
-
-    screen = get_console()
-    return Console(
-        file=buffer,
-        width=screen.width,
-        color_system=screen.color_system if screen.is_terminal else None,
-        force_terminal=screen.is_terminal,
-        highlight=False,
-    )
 
 
 # ---------------------------------------------------------------------- the classes
