@@ -4,7 +4,7 @@
   "did you mean" for a misspelled name and a message that says what to pass;
 * :func:`profile` and :func:`fit_decay`: per-layer geometric means over steps and the
   per-layer decay of a log-linear fit over depth, the numbers the depth rules judge;
-* :func:`num`: how a number is written in a message.
+* :func:`num` and :func:`times`: how a number and a ratio are written in a message.
 
 Weight layers (what "depth" counts) are defined once, in :mod:`gradwatch.anatomy`
 (:func:`~gradwatch.anatomy.weight_layers`), and re-exported here.
@@ -25,7 +25,7 @@ from gradwatch.types import GradWatchError
 if TYPE_CHECKING:
     from gradwatch.config import WatchConfig
 
-__all__ = ["fit_decay", "float_tensors", "is_weight_layer", "num", "plugin_options", "profile", "weight_layers"]
+__all__ = ["fit_decay", "float_tensors", "is_weight_layer", "num", "plugin_options", "profile", "times", "weight_layers"]
 
 
 def plugin_options(
@@ -148,3 +148,21 @@ def num(value: float | int | None) -> str:
     if value == 0 or 1e-3 <= abs(value) < 1e4:
         return f"{value:.3g}"
     return f"{value:.2e}"
+
+
+#: Ratios beyond this are written as ``≫ 1000×``: a message that says "3e+39×" is no more
+#: useful, and quotes a number no healthy step produced.
+TIMES_CAP = 1000.0
+
+
+def times(ratio: float | None, cap: float = TIMES_CAP) -> str:
+    """A ratio as messages write it: ``×3.1``, ``×0.002``, and ``≫ 1000×`` (or ``≪ 1/1000×``)
+    past ``cap``; ``n/a`` when unknown."""
+    if ratio is None or (isinstance(ratio, float) and math.isnan(ratio)):
+        return "n/a"
+    ratio = float(ratio)
+    if ratio > cap:
+        return f"≫ {num(cap)}×"
+    if 0 <= ratio < 1 / cap:
+        return f"≪ 1/{num(cap)}×"
+    return f"×{num(ratio)}"
