@@ -136,8 +136,9 @@ def float_tensors(out: Any) -> list[torch.Tensor]:
 
 
 def num(value: float | int | None) -> str:
-    """A number as messages write it: 3 significant figures, scientific notation below
-    1e-3 and from 1e4 on, ``nan``/``inf`` spelled out."""
+    """A number as messages write it: 3 significant figures (whole numbers from 100 to
+    9999 are written whole), scientific notation below 1e-3 and from 1e4 on,
+    ``nan``/``inf`` spelled out."""
     if value is None:
         return "n/a"
     value = float(value)
@@ -145,7 +146,9 @@ def num(value: float | int | None) -> str:
         return "nan"
     if math.isinf(value):
         return "inf" if value > 0 else "-inf"
-    if value == 0 or 1e-3 <= abs(value) < 1e4:
+    if 100 <= abs(value) < 1e4:
+        return f"{value:.0f}"
+    if value == 0 or 1e-3 <= abs(value) < 100:
         return f"{value:.3g}"
     return f"{value:.2e}"
 
