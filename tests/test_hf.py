@@ -395,10 +395,15 @@ def test_diverging_run_is_diagnosed_with_remedies_and_logged(tmp_path: Path, cap
 def test_healthy_run_raises_no_warning_and_reports_above_the_bar(tmp_path: Path, capsys) -> None:
     cb = GradWatchCallback()
     args = arguments(tmp_path, max_steps=40, logging_steps=10, disable_tqdm=False)
-    trainer = Trainer(model=gpt2(), args=args, train_dataset=Tokens(512), callbacks=[cb])
+    model = gpt2()
+    before = {name: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for name, m in model.named_modules()}
+    trainer = Trainer(model=model, args=args, train_dataset=Tokens(512), callbacks=[cb])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.train()
+    # No hook is left behind on the model.
+    assert {name: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for name, m in model.named_modules()} == before
+    assert not any(p._post_accumulate_grad_hooks for p in model.parameters())
     assert not [w for w in caught if issubclass(w.category, GradWatchWarning)], [str(w.message) for w in caught]
     assert not [d for d in cb.diagnoses if d.severity >= Severity.WARNING], cb.diagnoses
     assert sorted(grad_rows(trainer)) == [10, 20, 30, 40]
