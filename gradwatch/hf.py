@@ -22,9 +22,14 @@ that read the gradients in ``on_pre_optimizer_step`` would read clipped ones. So
 * when Trainer does not clip (``max_grad_norm=0``, required for ``clip=``), they are taken
   in ``on_pre_optimizer_step``, where they are final and unscaled, and gradwatch's own
   clipping acts there;
-* under fp16 loss scaling with Trainer clipping, gradients are unscaled only inside the
-  clip call, so they are read in ``on_pre_optimizer_step``, after clipping (a warning
-  says so); under DeepSpeed they are not visible at all (huggingface/accelerate#2951) and
+* under fp16 loss scaling the step is the wrapped optimizer's own ``step()``, as for
+  :func:`gradwatch.watch`: ``GradScaler.step`` calls it after ``unscale_`` and skips it on
+  overflow, and a skipped step is counted as an AMP skip, not read as non-finite
+  gradients. With Trainer clipping the gradients are then read after the clip (they are
+  unscaled only inside it; a warning says so). A fused optimizer (``adamw_torch_fused``,
+  Trainer's default with torch >= 2.8) always runs its step and skips inside its kernel:
+  there an overflow step shows as non-finite gradients;
+* under DeepSpeed the gradients are not visible at all (huggingface/accelerate#2951) and
   gradwatch stays off with a warning.
 
 Trainer hands a callback no reference to itself; the callback finds the
@@ -131,6 +136,7 @@ class HFGradWatch:
         self.watcher: Watcher | None = None
         self._tap: LogTap | None = None
         self._tap_step = -1
+        self._tap_pending = -1
         self._buffer = io.StringIO()
         self._args: Any = None
         self._state: Any = None
@@ -198,7 +204,10 @@ class HFGradWatch:
         scaler = getattr(optimizer, "scaler", None)
         scaled = scaler is not None and getattr(scaler, "is_enabled", lambda: True)()
         trainer_clips = bool(args.max_grad_norm and args.max_grad_norm > 0)
-        self._mode = "backward" if trainer_clips and not scaled else "pre_optimizer"
+        # Under loss scaling the step boundary is the wrapped optimizer's own step, which
+        # GradScaler.step calls after unscale_ and skips on overflow: a skipped step is then
+        # counted as an AMP skip by the core, not read as non-finite gradients.
+        self._mode = "optimizer" if scaled else "backward" if trainer_clips else "pre_optimizer"
         # The autograd engine's end-of-backward callbacks, which DDP and FSDP use themselves.
         self._engine = getattr(torch.autograd.Variable, "_execution_engine", None)
         if self._mode == "backward" and not hasattr(self._engine, "queue_callback"):
@@ -217,7 +226,11 @@ class HFGradWatch:
         self._tap = LogTap("hf")
         config = self.config.replace(plugins=(*self.config.plugins, self._tap))
         console = self._user_console if self._user_console is not None else capture_console(self._buffer)
-        self.watcher = Watcher(model, None, config=config, console=console)
+        if self._mode == "optimizer":
+            # watch() semantics: the AcceleratedOptimizer's wrapped optimizer marks the step.
+            self.watcher = Watcher(model, optimizer, config=config, console=console, scaler=scaler)
+        else:
+            self.watcher = Watcher(model, None, config=config, console=console)
         self.watcher.attach()
         # Through the watcher, so that detach removes it and a deep copy of the model gets an inert hook.
         self.watcher.probes.forward_hook(model, self._on_forward, sampled=False, with_kwargs=True)
@@ -228,8 +241,12 @@ class HFGradWatch:
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Take the step's statistics here when Trainer does not clip (or when the end of
-        the backward pass was not seen)."""
+        the backward pass was not seen); under loss scaling, arm the log tap for the step
+        ``optimizer.step()`` is about to mark."""
         if self.watcher is None or self._measured or not self.watcher.attached:
+            return
+        if self._mode == "optimizer":
+            self._tap_pending = self._arm_tap()
             return
         if self._mode == "backward":
             self._warn_once(
@@ -239,11 +256,19 @@ class HFGradWatch:
             )
         self._measure()
 
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Under loss scaling: keep the log tap's norms if the step was not skipped."""
+        if self._mode == "optimizer" and self.watcher is not None and self.watcher.attached:
+            self._measured = not getattr(kwargs.get("optimizer"), "step_was_skipped", False)
+            self._read_tap(self._tap_pending)
+
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Record the step's loss (on device); at the last step, give the final report now."""
         if self.watcher is None:
             return
-        if self._measured and self._loss is not None:
+        # A step the scaler skipped is closed as an AMP skip at the next forward: its loss
+        # belongs to it too.
+        if (self._measured or self._mode == "optimizer") and self._loss is not None:
             loss = self._loss if self._loss_summed else self._loss / self._loss_count
             self.watcher.observe_loss(loss)
         self._loss, self._loss_count = None, 0
@@ -328,6 +353,7 @@ class HFGradWatch:
             watcher=None,
             _tap=None,
             _tap_step=-1,
+            _tap_pending=-1,
             _buffer=io.StringIO(),
             _args=None,
             _state=None,
@@ -423,18 +449,31 @@ class HFGradWatch:
 
     def _measure(self) -> None:
         """The step boundary: statistics (and the log tap on logging steps) on device."""
-        watcher, tap, state = self.watcher, self._tap, self._state
+        watcher, tap = self.watcher, self._tap
         if watcher is None or tap is None or self._measured or not watcher.attached:
             return
         self._measured = True
-        step = state.global_step + 1  # the global_step of this step's log entry
+        step = self._arm_tap()
+        watcher.step()
+        self._read_tap(step)
+
+    def _arm_tap(self) -> int:
+        """Ask the log tap for this step's norms if Trainer logs it; returns the step's
+        ``global_step`` (that of its log entry)."""
+        tap, state = self._tap, self._state
+        assert tap is not None
+        step = state.global_step + 1
         tap.wanted = self.log_metrics and state.is_world_process_zero and self._logs_at(step)
         if tap.wanted:
             tap.total = tap.layers = None
-        watcher.step()
-        if tap.wanted and tap.total is not None:
+        return step
+
+    def _read_tap(self, step: int) -> None:
+        tap = self._tap
+        if tap is not None and tap.wanted and tap.total is not None:
             self._tap_step = step
-        tap.wanted = False
+        if tap is not None:
+            tap.wanted = False
 
     def _logs_at(self, step: int) -> bool:
         """Whether Trainer writes a log entry at ``global_step == step`` (the rule of its

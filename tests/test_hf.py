@@ -263,6 +263,19 @@ def test_gradient_accumulation_is_one_row_per_optimizer_step(tmp_path: Path) -> 
         assert row["loss"] == pytest.approx(history.extras["core.loss"].values[step - 1].item(), rel=1e-5)
 
 
+def test_logs_follow_trainer_logging_strategy(tmp_path: Path) -> None:
+    """Epoch logging and logging_first_step, with the default stats_every=4: the norms of a
+    logged step are taken for its entry even when it is not a statistics step."""
+    cb = GradWatchCallback(report=False)
+    args = arguments(tmp_path, max_steps=-1, num_train_epochs=2, logging_strategy="epoch", logging_first_step=True)
+    trainer = Trainer(model=gpt2(), args=args, train_dataset=Tokens(32), callbacks=[cb])
+    trainer.train()
+    rows = grad_rows(trainer)
+    assert sorted(rows) == [1, 4, 8]  # 4 steps an epoch
+    assert all(r["grad/norm_total"] == pytest.approx(r["grad_norm"], rel=1e-6) for r in rows.values())
+    assert cb.watcher.history.steps.tolist() == [0, 4]
+
+
 def test_gradwatch_clips_when_trainer_does_not(tmp_path: Path) -> None:
     cb = GradWatchCallback(report=False, stats_every=1, report_every=3, clip=0.5)
     post = PostClip()
@@ -290,6 +303,45 @@ def test_gradwatch_clips_when_trainer_does_not(tmp_path: Path) -> None:
     )
     # The running count changes when an interval is drained (steps 0-2 at the start of step 3).
     assert [rows[s]["grad/clips"] for s in range(1, 7)] == [0.0, 0.0, 0.0, 3.0, 3.0, 6.0]
+
+
+class StepOutcome(TrainerCallback):
+    """Plain torch, after optimizer.step(): whether the scaler skipped it, and the global
+    norm of the (unscaled, still present) gradients."""
+
+    def __init__(self) -> None:
+        self.skipped: list[bool] = []
+        self.total: list[float] = []
+
+    def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.skipped.append(optimizer.step_was_skipped)
+        self.total.append(total_norm(model))
+
+
+def test_steps_skipped_by_the_loss_scaler_are_amp_skips(tmp_path: Path) -> None:
+    cb = GradWatchCallback(report=False, stats_every=1)
+    outcome = StepOutcome()
+    # Not the fused AdamW (Trainer's default), whose step always runs and skips inside its kernel.
+    args = arguments(tmp_path, max_steps=8, max_grad_norm=0.0, logging_steps=1, optim="adamw_torch")
+    trainer = Trainer(model=gpt2(init=0.2), args=args, train_dataset=Tokens(), callbacks=[cb, outcome])
+    # accelerate makes a GradScaler only for fp16 on an accelerator: hand it a real one on CPU,
+    # with a loss scale so large that the first steps overflow and are skipped (each skip divides it by 2**40).
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, backoff_factor=2.0**-40, growth_interval=1000)
+    trainer.train()
+    watcher = cb.watcher
+    skipped = [s for s, skip in enumerate(outcome.skipped) if skip]
+    stepped = [s for s, skip in enumerate(outcome.skipped) if not skip]
+    assert skipped and stepped, outcome.skipped
+    assert watcher.step_count == 8
+    # Overflow steps are AMP skips, not non-finite gradients; the others are read after
+    # the scaler unscaled them, before the optimizer stepped.
+    assert [a.step for a in watcher.actions if a.kind == "amp_skip"] == skipped
+    assert not [d for d in cb.diagnoses if d.kind == "nonfinite"], cb.diagnoses
+    assert watcher.history.steps.tolist() == stepped
+    assert watcher.history.total_norm.tolist() == pytest.approx([outcome.total[s] for s in stepped], rel=1e-5)
+    rows = grad_rows(trainer)
+    assert sorted(rows) == [s + 1 for s in stepped]
+    assert [rows[s + 1]["grad/norm_total"] for s in stepped] == pytest.approx([outcome.total[s] for s in stepped], rel=1e-5)
 
 
 # ---------------------------------------------------------------------- checkpoints
