@@ -1,7 +1,8 @@
 """gradwatch: gradient diagnostics for any PyTorch model.
 
-``import gradwatch`` imports torch, pluggy and gradwatch's own core, never Lightning:
-``GradWatch`` (the Lightning callback) and ``__version__`` resolve lazily.
+``import gradwatch`` imports torch, pluggy and gradwatch's own core, never Lightning or
+transformers: ``GradWatch`` (the Lightning callback), ``hf`` (the Hugging Face door) and
+``__version__`` resolve lazily.
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ def __getattr__(name: str) -> Any:
         from gradwatch.lightning import GradWatch
 
         return GradWatch
+    if name == "hf":
+        import gradwatch.hf
+
+        return gradwatch.hf
     if name == "__version__":
         from importlib.metadata import PackageNotFoundError, version
 

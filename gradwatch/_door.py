@@ -35,6 +35,7 @@ __all__ = [
     "LogTap",
     "capture_console",
     "check_log_layers",
+    "count_metrics",
     "log_metrics",
     "print_text",
     "take_text",

@@ -68,6 +68,17 @@ def find_layers(root: nn.Module, order: Sequence[nn.Module] = (), keep: Abstract
     return tuple(layers)
 
 
+def _unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer that really steps. accelerate's ``AcceleratedOptimizer`` never runs
+    ``Optimizer.__init__`` (it has no step hooks) and steps its ``.optimizer`` only when
+    gradients sync, i.e. once per ``accelerator.accumulate`` step: that one is watched."""
+    while not hasattr(optimizer, "_optimizer_step_pre_hooks") and isinstance(
+        getattr(optimizer, "optimizer", None), torch.optim.Optimizer
+    ):
+        optimizer = optimizer.optimizer  # type: ignore[attr-defined]
+    return optimizer
+
+
 def as_optimizers(optimizer: object) -> tuple[torch.optim.Optimizer, ...]:
     """``optimizer=`` as a tuple: none, one, or several optimizers.
 
@@ -77,11 +88,11 @@ def as_optimizers(optimizer: object) -> tuple[torch.optim.Optimizer, ...]:
     if optimizer is None:
         return ()
     if isinstance(optimizer, torch.optim.Optimizer):
-        return (optimizer,)
+        return (_unwrap_optimizer(optimizer),)
     if isinstance(optimizer, Iterable) and not isinstance(optimizer, (str, bytes, nn.Module)):
         optimizers = tuple(optimizer)
         if optimizers and all(isinstance(o, torch.optim.Optimizer) for o in optimizers):
-            return optimizers
+            return tuple(map(_unwrap_optimizer, optimizers))
     raise GradWatchError(f"optimizer must be a torch.optim.Optimizer, a list of them, or None, got {type(optimizer).__name__}")
 
 

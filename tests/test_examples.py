@@ -26,3 +26,19 @@ def test_lightning_one_line_runs(capsys) -> None:
     runpy.run_path(str(EXAMPLES / "lightning_one_line.py"), run_name="__main__")
     out = capsys.readouterr().out
     assert "gradient flow" in out and "vanishing" in out
+
+
+def test_hf_trainer_diagnoses_and_logs(capsys) -> None:
+    trainer = runpy.run_path(str(EXAMPLES / "hf_trainer.py"))["main"]()
+    callback = next(c for c in trainer.callback_handler.callbacks if type(c).__name__ == "GradWatchCallback")
+    assert "exploding" in {d.kind for d in callback.diagnoses}
+    last = trainer.state.log_history[-2]  # the last training entry, before the run summary
+    assert last["grad/diagnoses/exploding"] >= 1.0 and last["grad/norm_total"] == pytest.approx(last["grad_norm"], rel=1e-6)
+    out = capsys.readouterr().out
+    assert "gradient flow" in out and "exploding" in out
+
+
+def test_accelerate_loop_counts_accumulated_steps(capsys) -> None:
+    gw = runpy.run_path(str(EXAMPLES / "accelerate_loop.py"))["main"]()
+    assert gw.step_count == 16 and gw.history.steps.tolist() == [0, 4, 8, 12] and not gw.attached
+    assert "16 optimizer steps watched" in capsys.readouterr().out

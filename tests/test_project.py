@@ -51,6 +51,22 @@ def test_import_gradwatch_imports_no_lightning() -> None:
     assert out == "[]"
 
 
+def test_import_gradwatch_imports_no_transformers() -> None:
+    """Neither ``import gradwatch`` nor ``import gradwatch.hf`` imports transformers or
+    accelerate; resolving ``gradwatch.hf.GradWatchCallback`` does."""
+    code = (
+        "import sys, gradwatch, gradwatch.hf\n"
+        "hf = lambda: sorted({m.split('.')[0] for m in sys.modules} & {'transformers', 'accelerate'})\n"
+        "assert hf() == [], hf()\n"
+        "cls = gradwatch.hf.GradWatchCallback\n"
+        "assert 'transformers' in hf(), hf()\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
 def test_import_time_added_to_torch_is_small() -> None:
     """`python -X importtime`: gradwatch's own cumulative import time once torch is loaded."""
     code = "import torch; import gradwatch"
