@@ -237,7 +237,9 @@ def render(kind: str, params: Mapping[str, Any]) -> tuple[str, str]:
     return _RENDER[kind](params)
 
 
-def _remedy(kind: str, params: dict[str, Any], rationale: str, apply: Callable[[nn.Module], nn.Module] | None = None) -> Remedy:
+def _remedy(
+    kind: str, params: dict[str, Any], *, rationale: str, apply: Callable[[nn.Module], nn.Module] | None = None
+) -> Remedy:
     title, snippet = render(kind, params)
     return Remedy(kind=kind, title=title, rationale=rationale, params=params, snippet=snippet, apply=apply)
 
@@ -618,7 +620,7 @@ def _relu(d: Diagnosis, root: nn.Module, anat: anatomy.Anatomy, min_count: int =
         f"{measured(d)}; {bounds}; ReLU passes a gradient unchanged where active; re-initialise the {len(feeding)} "
         f"layer(s) feeding them with Kaiming init (He et al. 2015). {fx}"
     )
-    return _remedy("relu", params, rationale, _applier(change) if targets else None)
+    return _remedy("relu", params, rationale=rationale, apply=_applier(change) if targets else None)
 
 
 def _stack(anat: anatomy.Anatomy) -> list[str]:
@@ -664,7 +666,7 @@ def _normalization(d: Diagnosis, root: nn.Module, anat: anatomy.Anatomy) -> Reme
         f"Ba et al. 2016). Where: {where}{residual}. LayerNorm for Linear layers works at any batch size. "
         "The wrapped layers' state_dict keys gain a '.0'."
     )
-    return _remedy("normalization", params, rationale, _applier(change))
+    return _remedy("normalization", params, rationale=rationale, apply=_applier(change))
 
 
 class Residual(nn.Module):
@@ -729,7 +731,7 @@ def _residual(d: Diagnosis, root: nn.Module, anat: anatomy.Anatomy) -> Remedy | 
         f"{measured(d)}; {how} in {len(anat.weight_layers)} weight layers, so every gradient must pass through every "
         "layer; with x + f(x) the identity path carries it past each block (He et al. 2016)."
     )
-    return _remedy("residual", {"layers": pairs}, rationale, _applier(change))
+    return _remedy("residual", {"layers": pairs}, rationale=rationale, apply=_applier(change))
 
 
 def _reinit(d: Diagnosis, root: nn.Module, anat: anatomy.Anatomy) -> Remedy | None:
@@ -800,7 +802,7 @@ def _reinit(d: Diagnosis, root: nn.Module, anat: anatomy.Anatomy) -> Remedy | No
             "; re-initialisation alone does not fix the σ′ ≤ ¼ bound: each sigmoid still multiplies the gradient by "
             "at most ¼ (nn.init.calculate_gain('sigmoid') is 1), so replace the sigmoids as well"
         )
-    return _remedy("reinit", params, rationale + ".", _applier(change))
+    return _remedy("reinit", params, rationale=rationale + ".", apply=_applier(change))
 
 
 def _forget_bias(seq_len: int) -> float:
@@ -860,7 +862,7 @@ def _lstm_gru(d: Diagnosis, root: nn.Module) -> Remedy | None:
         "code that uses h_n must take the first element."
         + ("" if old.bias else " The RNN has bias=False; the LSTM needs bias=True for a forget-gate bias.")
     )
-    return _remedy("lstm_gru", params, rationale, _applier(change))
+    return _remedy("lstm_gru", params, rationale=rationale, apply=_applier(change))
 
 
 def _gate_bias(d: Diagnosis, root: nn.Module) -> Remedy | None:
@@ -881,7 +883,9 @@ def _gate_bias(d: Diagnosis, root: nn.Module) -> Remedy | None:
         f"{_keep(bias, seq_len)} (Gers et al. 2000; Jozefowicz et al. 2015 use 1; chrono init, Tallec & Ollivier 2018, "
         "draws log U(1, T−1))."
     )
-    return _remedy("lstm_gru", params, rationale, _applier(lambda model: _set_gate_bias(model.get_submodule(name), h, bias)))
+    return _remedy(
+        "lstm_gru", params, rationale=rationale, apply=_applier(lambda model: _set_gate_bias(model.get_submodule(name), h, bias))
+    )
 
 
 def _orthogonal(d: Diagnosis, root: nn.Module) -> Remedy | None:
@@ -904,7 +908,9 @@ def _orthogonal(d: Diagnosis, root: nn.Module) -> Remedy | None:
         f"{measured(d)}; spectral radius {shown}. An orthogonal W_hh has all eigenvalues on the unit circle, so "
         "γ·max σ′ ≤ 1 and the bound neither explodes nor (before saturation) vanishes (Saxe et al. 2014; Le et al. 2015)."
     )
-    return _remedy("reinit", {"init": "orthogonal_", "module": name, "weights": weights}, rationale, _applier(change))
+    return _remedy(
+        "reinit", {"init": "orthogonal_", "module": name, "weights": weights}, rationale=rationale, apply=_applier(change)
+    )
 
 
 def _leaky_relu(d: Diagnosis, root: nn.Module) -> Remedy | None:
@@ -922,7 +928,10 @@ def _leaky_relu(d: Diagnosis, root: nn.Module) -> Remedy | None:
         f"{num(slope)} slope (Maas et al. 2013)."
     )
     return _remedy(
-        "leaky_relu", {"modules": targets, "negative_slope": slope, "replacement": "LeakyReLU"}, rationale, _applier(change)
+        "leaky_relu",
+        {"modules": targets, "negative_slope": slope, "replacement": "LeakyReLU"},
+        rationale=rationale,
+        apply=_applier(change),
     )
 
 
@@ -1017,7 +1026,7 @@ def _clipping(d: Diagnosis, run: Run, anat: anatomy.Anatomy) -> Remedy | None:
         return None
     params = {"max_norm": value, **params}
     rationale = f"{measured(d)}{_last_norm(run)}; {basis}; ordinary steps pass unchanged and spikes are scaled down."
-    return _remedy("clipping", params, rationale)
+    return _remedy("clipping", params, rationale=rationale)
 
 
 def _last_norm(run: Run) -> str:
@@ -1123,7 +1132,7 @@ def _lower_lr(d: Diagnosis, run: Run, *, force: bool = False) -> Remedy | None:
         else ("; the loss became non-finite" if grew == math.inf else "")
     )
     params = {"lr_factor": 1.0 / divide, "divide_by": divide, "at_least": at_least, **params}
-    return _remedy("lower_lr", params, f"{measured(d)}{loss_note}; {why}.")
+    return _remedy("lower_lr", params, rationale=f"{measured(d)}{loss_note}; {why}.")
 
 
 def _too_big(run: Run) -> bool:
@@ -1171,7 +1180,8 @@ def _nonfinite(d: Diagnosis, root: nn.Module, anat: anatomy.Anatomy, run: Run) -
         found.append(_stable_loss(d))
     elif where == "output" and "produced" not in ev and d.layers and not grew:
         # Evidence without the producing op's inputs: the module is known, the op is not.
-        found.append(_remedy("op_guard", _op_params(d, {"module": d.layers[0]}), _unknown_op(d)))
+        params = _op_params(d, {"module": d.layers[0], "output": ev.get("value")})
+        found.append(_remedy("op_guard", params, rationale=_unknown_op(d)))
     if grew or (not ev.get("produced") and (_too_big(run) or where == "weights")):
         found += [_clipping(d, run, anat), _lower_lr(d, run, force=True)]
         if grew:
@@ -1212,28 +1222,28 @@ def _op_remedy(d: Diagnosis, origin: Mapping[str, Any]) -> Remedy:
     if dtype in _HALF_MAX and out in ("inf", "-inf") and dtype == "float16" and peak > 1.0:
         params = {**p, "compute_dtype": "float32", "dtype_max": _HALF_MAX[dtype]}
         why = f"{seen}; {dtype} overflows past {num(_HALF_MAX[dtype])} and its inputs reached {num(peak)}."
-        return _remedy("precision", params, why)
+        return _remedy("precision", params, rationale=why)
     if _ATTENTION_TYPE.search(mtype) and out == "nan":
         why = (
             f"{seen}; in attention, a query whose keys are all masked with -inf gets softmax over nothing: "
             "exp(-inf − (−inf)) = NaN. A finite mask value (torch.finfo(dtype).min) gives such a row uniform weights "
             "instead, and the masked keys still get ~0 weight elsewhere."
         )
-        return _remedy("finite_mask", {**p, "mask_value": "torch.finfo(dtype).min"}, why)
+        return _remedy("finite_mask", {**p, "mask_value": "torch.finfo(dtype).min"}, rationale=why)
     if negative and out == "nan":
         why = f"{seen}; its inputs went below 0, and sqrt, log and fractional powers of a negative number are NaN."
-        return _remedy("epsilon", {**p, "op": "sqrt"}, why)
+        return _remedy("epsilon", {**p, "op": "sqrt"}, rationale=why)
     if zero and out == "-inf":
         why = f"{seen}; its inputs hold exact zeros and log(0) = -inf (NaN once multiplied by 0 downstream)."
-        return _remedy("epsilon", {**p, "op": "log"}, why)
+        return _remedy("epsilon", {**p, "op": "log"}, rationale=why)
     if zero and out in ("inf", "nan"):
         why = f"{seen}; its inputs hold exact zeros: x / 0 = inf and 0 / 0 = NaN."
-        return _remedy("epsilon", {**p, "op": "division"}, why)
+        return _remedy("epsilon", {**p, "op": "division"}, rationale=why)
     if out == "inf" and peak > p["exp_limit"] - 1:
         why = f"{seen}; its inputs reached {num(peak)}, and exp overflows {dtype} above {num(p['exp_limit'])}."
-        return _remedy("log_space", p, why)
+        return _remedy("log_space", p, rationale=why)
     why = f"{seen}; no zero or negative input and no overflow range explains it, so look at every log, sqrt, division, exp and pow there."
-    return _remedy("op_guard", p, why)
+    return _remedy("op_guard", p, rationale=why)
 
 
 def _unknown_op(d: Diagnosis) -> str:
@@ -1251,7 +1261,7 @@ def _input_data(d: Diagnosis, origin: Mapping[str, Any]) -> Remedy:
         f"[{num(p['input_min'])}, {num(p['input_max'])}]) with finite weights: it came from outside the model's modules, "
         "most often the batch itself."
     )
-    return _remedy("input_data", p, why)
+    return _remedy("input_data", p, rationale=why)
 
 
 def _backward_epsilon(d: Diagnosis, root: nn.Module) -> Remedy:
@@ -1272,7 +1282,7 @@ def _backward_epsilon(d: Diagnosis, root: nn.Module) -> Remedy:
         "before it: an op whose derivative is infinite at a point its input reached (sqrt and norms at 0, pow with "
         "0 < p < 1 at 0, acos/asin at ±1) or a custom backward; an epsilon keeps the input off that point."
     )
-    return _remedy("epsilon", p, why)
+    return _remedy("epsilon", p, rationale=why)
 
 
 def _stable_loss(d: Diagnosis) -> Remedy:
@@ -1280,4 +1290,4 @@ def _stable_loss(d: Diagnosis) -> Remedy:
         f"{measured(d)}; the loss was non-finite while the model's outputs were finite: the loss function took a log "
         "of 0 (log of a probability that underflowed). cross_entropy and the with_logits losses compute it in log space."
     )
-    return _remedy("stable_loss", {"eps": 1e-8}, why)
+    return _remedy("stable_loss", {"eps": 1e-8}, rationale=why)
