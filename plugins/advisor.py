@@ -578,7 +578,9 @@ def _bound_text(types: list[str], decay: float | None) -> str:
         bound = max(_BOUNDS[t][1] for t in shrinking)
         parts[-1] += f", so through {n} of them a gradient shrinks by up to {num(bound)}^{n} = {power(bound, n)}"
     if len(shrinking) < len(counts):
-        parts.append("a tanh-like unit shrinks a gradient only where it saturates (tanh′(±1) = 0.42, tanh′(±2) = 0.071)")
+        parts.append(
+            f"a tanh-like unit shrinks a gradient only where it saturates (tanh′(±1) = {num(1 - math.tanh(1) ** 2)}, tanh′(±2) = {num(1 - math.tanh(2) ** 2)})"
+        )
     if decay is not None:
         parts.append(f"the measured decay is {times(decay)} per layer toward the input")
     return "; ".join(parts)
@@ -739,18 +741,20 @@ def _reinit(d: Diagnosis, root: nn.Module, anat: anatomy.Anatomy) -> Remedy | No
     a vanishing signal gets only layers whose weights are too small (re-init raises them),
     an exploding one only those too large, and only when the init scale predicts the
     fault along the real signal path (residual additions followed)."""
-    scales = [s for s in anatomy.init_scales(root, anat) if s.expected > 0 and s.std > 0]
+    scales = [s for s in anatomy.init_scales(root, anat) if s.expected > 0]
     if d.kind == "init_scale":
         if d.evidence.get("contradicted"):
             return None  # the init plugin found the gradients contradict its prediction: not the cause
+        # The stds measured at attach (the weights now may be anything, NaN included).
         std = d.evidence.get("std", {})
         scales = [
             anatomy.LayerScale(s.name, float(std[s.name]), s.expected, s.scheme, s.activation, s.slope)
             for s in scales
-            if s.name in std
+            if s.name in std and float(std[s.name]) > 0
         ]
         predicted = _number(d.evidence.get("depth_gain"))
     else:
+        scales = [s for s in scales if s.std > 0]  # NaN weights have no scale to judge
         prediction = anatomy.predict_signal(root, anat, scales)
         if prediction is None:
             return None
