@@ -91,7 +91,7 @@ MAX_LR_DIVISOR = 1000.0
 TRANSFORMER_MAX_NORM = 1.0
 #: A weight norm below this fraction of its row's median is "zero" (a zero-initialised head).
 _ZERO_WEIGHT = 1e-6
-_HALF_MAX = {"float16": 65504.0, "bfloat16": 3.39e38}
+_HALF_MAX = {"float16": 65504.0}
 _EXP_LIMIT = {"float16": 11.09, "bfloat16": 88.7, "float32": 88.7, "float64": 709.7}
 _EPS = {"float16": 1e-4, "bfloat16": 1e-3, "float32": 1e-8, "float64": 1e-12}
 _ATTENTION_TYPE = re.compile(r"attention|attn|softmax|multihead|transformer", re.I)
@@ -1223,7 +1223,7 @@ def _op_remedy(d: Diagnosis, origin: Mapping[str, Any]) -> Remedy:
         f"{out} in its forward pass, so the fault is in that op: the norms did not grow into it, and neither clipping "
         "nor a lower learning rate changes what the op computes"
     )
-    if dtype in _HALF_MAX and out in ("inf", "-inf") and dtype == "float16" and peak > 1.0:
+    if dtype == "float16" and out in ("inf", "-inf") and peak > 1.0:
         params = {**p, "compute_dtype": "float32", "dtype_max": _HALF_MAX[dtype]}
         why = f"{seen}; {dtype} overflows past {num(_HALF_MAX[dtype])} and its inputs reached {num(peak)}."
         return _remedy("precision", params, rationale=why)

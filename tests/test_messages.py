@@ -337,3 +337,116 @@ def diagnose(x, growth, name):
     problems = [p for t, _ in templates for p in run_template(t, {"num": num, "Diagnosis": dict})[0]]
     assert any("growth:.2f" in p for p in problems) and any("x:.3g" in p for p in problems)
     assert not any("num(x)" in p for p in problems)
+
+
+# ---------------------------------------------------------------------- the advisor, end to end
+
+
+def _advisor_cases(x: float):
+    from gradwatch import Diagnosis, Severity
+
+    def d(kind, layers=("0",), **evidence):
+        return Diagnosis(
+            kind=kind,
+            severity=Severity.WARNING,
+            step=3,
+            layers=layers,
+            message=kind,
+            summary=f"{kind} {num(x)}",
+            evidence=evidence,
+        )
+
+    def origin(**fields):
+        base = {"module": "2", "module_type": "Linear", "input_min": -x, "input_max": x, "input_finite": True}
+        return {
+            **base,
+            "input_has_zero": True,
+            "input_has_negative": True,
+            "input_dtype": "float32",
+            "weights_finite": True,
+            **fields,
+        }
+
+    return [
+        d("vanishing", ratio=x, decay_per_layer=x, depth=20),
+        d("exploding", onset=3, update_ratio=x, loss_diverging=True, total_norm=x),
+        d("update_scale", update_ratio=x, per_layer={"0": x, "2": x}, steps_seen=4, skipped_zero_weight=["4"]),
+        d("dead_units", layers=("1",), fraction={"1": x}),
+        d("saturation", layers=("1",), fraction={"1": x}),
+        d("init_scale", std={"0": x, "2": x}, depth_gain=x, contradicted=False),
+        *[
+            d("nonfinite", where="output", produced=True, first_step=3, origin=origin(output=out, input_dtype=dtype))
+            for out in ("nan", "inf", "-inf")
+            for dtype in ("float32", "float16")
+        ],
+        d("nonfinite", where="output", produced=True, first_step=3, origin=origin(module_type="SelfAttention")),
+        d("nonfinite", where="output", produced=False, first_step=3, origin=origin(input_finite=False)),
+        d("nonfinite", where="gradient", first_step=3),
+        d("nonfinite", where="loss", first_step=3),
+        d("nonfinite", where="weights", first_step=3),
+    ]
+
+
+def _recurrent_cases(x: float):
+    from gradwatch import Diagnosis, Severity
+
+    evidence = {"recurrent": True, "module_type": "RNN", "spectral_radius": {"weight_hh_l0": x}, "seq_len": 100, "gain": x}
+    return [
+        Diagnosis(
+            kind="vanishing", severity=Severity.WARNING, step=0, layers=("rnn",), message="v", summary=num(x), evidence=evidence
+        ),
+        Diagnosis(
+            kind="exploding", severity=Severity.WARNING, step=0, layers=("rnn",), message="e", summary=num(x), evidence=evidence
+        ),
+    ]
+
+
+@pytest.mark.parametrize("x", EXTREMES, ids=[num(x) for x in EXTREMES])
+def test_advisor_titles_and_rationales_with_extreme_evidence(x):
+    import io
+
+    import torch
+    from rich.console import Console
+
+    import gradwatch
+    from gradwatch.testing import lstm_model, relu_mlp, sigmoid_mlp, vanilla_rnn
+
+    def history(gw):
+        layers = gw.model_info.names
+        steps = list(range(8))
+        totals = [1.0, 1.1, 0.9, x, x, 1e3 * x, math.nan, math.nan]
+        zeros = torch.zeros(8, len(layers))
+        series = gradwatch.Series(torch.tensor(steps), torch.full((8, len(layers)), x))
+        loss = gradwatch.Series(torch.tensor(steps), torch.tensor([2.0, 1.9, x, x, 1e3 * x, math.inf, math.nan, math.nan]))
+        gw.history.extend(
+            gradwatch.StatsWindow(
+                layers=layers, steps=torch.tensor(steps), grad_norm=zeros, grad_rms=zeros, grad_max=zeros, nonfinite=zeros,
+                present=zeros + 1, total_norm=torch.tensor(totals), weight_norm=series, update_ratio=series,
+                extras={"core.loss": loss}, first_step=0, last_step=7,
+            )
+        )  # fmt: skip
+
+    cases = [
+        (sigmoid_mlp(depth=8, width=8), _advisor_cases(x)),
+        (relu_mlp(depth=8, width=8, init="lecun"), _advisor_cases(x)),
+        (vanilla_rnn(hidden=8), _recurrent_cases(x)),
+        (lstm_model(hidden=8), [gradwatch.Diagnosis(kind="forget_gate", severity=gradwatch.Severity.INFO, step=0, layers=("rnn",), message="f", evidence={"keep": x, "seq_len": 100})]),
+    ]  # fmt: skip
+    seen = set()
+    for model, diagnoses in cases:
+        gw = gradwatch.watch(model, autoload=False, report=False, strict=True, console=Console(file=io.StringIO()))
+        history(gw)
+        render = gw.pm.get_plugin("advisor").render
+        for diagnosis in diagnoses:
+            for remedy in gw.advise(diagnosis):
+                seen.add(remedy.kind)
+                for field in ("title", "rationale"):
+                    text = getattr(remedy, field)
+                    assert not text_problems(text), (diagnosis.kind, remedy.kind, field, text, text_problems(text))
+                assert render(remedy.kind, remedy.params) == (remedy.title, remedy.snippet)
+                compile(remedy.snippet, "<snippet>", "exec")
+        gw.detach()
+    assert {"relu", "normalization", "residual", "reinit", "lstm_gru", "clipping", "lower_lr", "leaky_relu"} <= seen, seen
+    assert {"epsilon", "finite_mask", "input_data", "stable_loss"} <= seen, seen
+    if 1 < x < math.inf:
+        assert "precision" in seen  # float16 inputs that large overflow
