@@ -7,9 +7,12 @@ excepted), which every depth rule and every remedy counts.
 
 What a remedy needs to know about the user's model: which activation follows each
 weight layer (modules, and functional calls where ``torch.fx`` can trace the model),
-where the normalisation layers are, whether the model has residual additions, and how
-each weight layer's scale compares with the Kaiming/Xavier expectation for the
-activation that follows it. Everything here runs on the host, once per watch (cached by
+where the normalisation layers are, whether the model has residual additions (and, traced,
+the weight layers of each branch and skip path: :func:`residual_branches`), which modules
+are attention, and how each weight layer's scale compares with the Kaiming/Xavier
+expectation for the activation that follows it (:func:`init_scales`) and what that does
+to the signal along its real path (:func:`predict_signal`: residual sums add variances,
+normalisation resets). Everything here runs on the host, once per watch (cached by
 the callers), and never raises for a model it does not understand: it says so instead.
 """
 

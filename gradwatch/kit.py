@@ -4,7 +4,11 @@
   "did you mean" for a misspelled name and a message that says what to pass;
 * :func:`profile` and :func:`fit_decay`: per-layer geometric means over steps and the
   per-layer decay of a log-linear fit over depth, the numbers the depth rules judge;
-* :func:`num` and :func:`times`: how a number and a ratio are written in a message.
+* :func:`num` and :func:`times`: how a number and a ratio are written in a message (the one
+  rule for every ``message``, ``summary``, ``title`` and ``rationale``, checked on every
+  built-in template by tests/test_messages.py); :func:`power` writes a bound like ``0.25^19``
+  without underflow, :func:`round_sig` rounds a number a remedy carries in ``params`` to the
+  figures :func:`num` shows.
 
 Weight layers (what "depth" counts) are defined once, in :mod:`gradwatch.anatomy`
 (:func:`~gradwatch.anatomy.weight_layers`), and re-exported here.

@@ -5,20 +5,31 @@ normalisation layer, the weight standard deviation (measured at attach, i.e. at
 initialisation for a fresh model) is compared with what keeps the signal's variance
 through that activation: Kaiming/He et al. 2015 ``gain/sqrt(fan_in)`` for the ReLU
 family, Xavier/Glorot ``gain·sqrt(2/(fan_in+fan_out))`` for sigmoid and tanh, with
-``nn.init.calculate_gain``. Per-layer gains ``std/expected`` multiply along a chain of
-such layers (a normalisation layer, or a layer without an activation, ends the chain),
-so the product is what the signal does over depth: ``0.71^29 = 4e-5`` for a 30-layer
-ReLU net drawn with ``std = sqrt(1/fan_in)``.
+``nn.init.calculate_gain``. What those gains do to the signal is predicted along the real
+signal path (:func:`gradwatch.anatomy.predict_signal`): layer gains multiply, a normalisation
+layer resets the scale, and a residual sum ``x + f(x)`` adds the variances of its two sides,
+so a block is judged per branch and its identity path keeps the gain near 1 (gain
+``sqrt(1 + G²)`` for a branch of gain ``G``). A plain 30-layer ReLU net drawn with ``std =
+sqrt(1/fan_in)`` scales the signal by ``0.71^29 = 4e-5``; the same layers as 12 residual
+blocks scale it by about ×3, and no verdict is given.
+
+The prediction is checked against the gradients of the steps seen: when the first quarter
+of the layers on the path gets ×10 (or 1/10) the gradient RMS of the last quarter in the
+opposite direction to the prediction (init looks small, but the gradients grow toward the
+input; or looks large, but they shrink, as behind sigmoids), the diagnosis is an info that
+says "not the cause", and the advisor offers no re-initialisation for it.
 
 The activation that follows each layer comes from ``torch.fx`` where the model traces
-(functional activations included), else from module order. Reported once, at the first
+(functional activations included), else from module order (then a model that looks
+residual gets no prediction: its signal path is not known). Reported once, at the first
 report interval.
 
 Options (``options={"init": {...}}``):
 
-* ``depth_gain`` (float, default ``100``): a chain whose product of gains is below
-  ``1/depth_gain`` or above ``depth_gain`` is a warning.
-* ``info_gain`` (float, default ``10``): the same bound for an info diagnosis.
+* ``depth_gain`` (float, default ``100``): a predicted scale below ``1/depth_gain`` or
+  above ``depth_gain`` is a warning.
+* ``info_gain`` (float, default ``10``): the same bound for an info diagnosis, and the
+  margin by which the gradients must contradict a prediction.
 * ``layer_tol`` (float, default ``1.25``): a layer is named as mis-scaled when its gain is
   outside ``[1/layer_tol, layer_tol]``.
 """
@@ -80,21 +91,6 @@ def gradwatch_attach(model: ModelInfo, ctx: StepContext) -> None:
         with torch.no_grad():
             stds = torch.stack([w.detach().float().std().cpu() for _, w in named]).tolist()
         ctx.stash[KEY].stds = dict(zip((n for n, _ in named), stds))
-
-
-def chains(scales: list[anatomy.LayerScale], anat: anatomy.Anatomy) -> list[list[anatomy.LayerScale]]:
-    """Split judged layers into chains of consecutive layers (forward order) whose scale
-    compounds: a weight layer that is not judged (it feeds a norm layer or no activation)
-    ends a chain. Module order only: :func:`gradwatch.anatomy.predict_signal` follows the
-    traced graph, residual additions included."""
-    by_name = {s.name: s for s in scales}
-    out: list[list[anatomy.LayerScale]] = [[]]
-    for name in anat.weight_layers:
-        if name in by_name:
-            out[-1].append(by_name[name])
-        elif out[-1]:
-            out.append([])
-    return [c for c in out if c]
 
 
 def measured_early_late(window: StatsWindow, model: ModelInfo, layers: tuple[str, ...]) -> float | None:
