@@ -571,16 +571,18 @@ def _bound_text(types: list[str], decay: float | None) -> str:
     counts: dict[str, int] = {}
     for t in types:
         counts[t] = counts.get(t, 0) + 1
-    parts = [f"{_BOUNDS.get(t, (f'{t} is bounded', 1.0))[0]} for the {n} {t}" for t, n in counts.items()]
-    shrinking = {t: n for t, n in counts.items() if _BOUNDS.get(t, ("", 1.0))[1] < 1}
+    bounds = {t: _BOUNDS.get(t, (f"{t}′ is bounded", 1.0)) for t in counts}
+    shrinking = [t for t in counts if bounds[t][1] < 1]
+    others = [t for t in counts if bounds[t][1] >= 1]
+    parts = [f"{bounds[t][0]} for the {counts[t]} {t}" for t in shrinking]
     if shrinking:
-        n = sum(shrinking.values())
-        bound = max(_BOUNDS[t][1] for t in shrinking)
+        n = sum(counts[t] for t in shrinking)
+        bound = max(bounds[t][1] for t in shrinking)
         parts[-1] += f", so through {n} of them a gradient shrinks by up to {num(bound)}^{n} = {power(bound, n)}"
-    if len(shrinking) < len(counts):
-        parts.append(
-            f"a tanh-like unit shrinks a gradient only where it saturates (tanh′(±1) = {num(1 - math.tanh(1) ** 2)}, tanh′(±2) = {num(1 - math.tanh(2) ** 2)})"
-        )
+    parts += [f"{bounds[t][0]} for the {counts[t]} {t}" for t in others]
+    if others:
+        at_1, at_2 = num(1 - math.tanh(1) ** 2), num(1 - math.tanh(2) ** 2)
+        parts.append(f"a tanh-like unit shrinks a gradient only where it saturates (tanh′(±1) = {at_1}, tanh′(±2) = {at_2})")
     if decay is not None:
         parts.append(f"the measured decay is {times(decay)} per layer toward the input")
     return "; ".join(parts)
