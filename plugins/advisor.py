@@ -1089,6 +1089,7 @@ def _lower_lr(d: Diagnosis, run: Run, *, force: bool = False) -> Remedy | None:
         layer = max(finite, key=lambda k: finite[k]) if finite else None
         rows = int(_number(ev.get("steps_seen")) or 0)
         skipped = tuple(ev.get("skipped_zero_weight") or ())
+        target = _number(ev.get("target")) or target
     elif ratio is None and _number(ev.get("update_ratio")):
         ratio, layer, rows = _number(ev.get("update_ratio")), None, 0  # no history: the evidence's number
     growth = loss_growth(run)

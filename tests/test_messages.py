@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from gradwatch.kit import TIMES_CAP, num, power, times
+from gradwatch.kit import TIMES_CAP, num, power, round_sig, times
 from gradwatch.manager import BUILTIN_PLUGINS
 
 TEXT_FIELDS = {"message", "summary", "title", "rationale"}
@@ -106,6 +106,10 @@ def test_the_rule_on_kit_and_on_known_bad_text():
     assert number_problem(1e30, f"{1e30:.0f}") is not None
     assert text_problems("layer 'blocks.11.fc2' at step 123456, 0.25^19 = 3.64e-12") == []
     assert power(0.25, 600) == "1e-361" and text_problems(power(0.25, 600)) == []
+    for value in (0.123456789, 6084819956.63, 0.000456789, 999.95, -3.14159, 0.0, math.inf):
+        assert num(round_sig(value)) == num(value) and (
+            round_sig(value) == value or abs(round_sig(value) - value) <= 0.005 * abs(value)
+        )
 
 
 # ---------------------------------------------------------------------- finding the templates
