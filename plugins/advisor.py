@@ -1178,7 +1178,7 @@ def _nonfinite(d: Diagnosis, root: nn.Module, anat: anatomy.Anatomy, run: Run) -
     grew = _grew_before(d, run)
     found: list[Remedy | None] = []
     if ev.get("produced") and origin is not None:
-        found.append(_op_remedy(d, origin))
+        found.append(_op_remedy(d, origin, grew))
     elif origin is not None and origin.get("input_finite") is False and origin.get("weights_finite", True):
         found.append(_input_data(d, origin))
     elif where == "gradient" and not grew and d.layers:
@@ -1214,7 +1214,7 @@ def _op_params(d: Diagnosis, origin: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _op_remedy(d: Diagnosis, origin: Mapping[str, Any]) -> Remedy:
+def _op_remedy(d: Diagnosis, origin: Mapping[str, Any], grew: bool) -> Remedy:
     """What the producing op most likely was, from its type and the range of its inputs."""
     p = _op_params(d, origin)
     dtype, out, mtype = p["dtype"], p["output"], p["module_type"]
@@ -1223,8 +1223,12 @@ def _op_remedy(d: Diagnosis, origin: Mapping[str, Any]) -> Remedy:
     zero, negative = bool(origin.get("input_has_zero")), bool(origin.get("input_has_negative"))
     seen = (
         f"{measured(d)}; {_module(p)} turned finite inputs (in [{num(lo)}, {num(hi)}], {dtype}) and finite weights into "
-        f"{out} in its forward pass, so the fault is in that op: the norms did not grow into it, and neither clipping "
-        "nor a lower learning rate changes what the op computes"
+        f"{out} in its forward pass, so the fault is in that op"
+        + (
+            "; the norms grew before it, so clipping and a lower learning rate may keep its inputs in range too"
+            if grew
+            else ": the norms did not grow into it, and neither clipping nor a lower learning rate changes what the op computes"
+        )
     )
     if dtype == "float16" and out in ("inf", "-inf") and peak > 1.0:
         params = {**p, "compute_dtype": "float32", "dtype_max": _HALF_MAX[dtype]}
@@ -1232,9 +1236,9 @@ def _op_remedy(d: Diagnosis, origin: Mapping[str, Any]) -> Remedy:
         return _remedy("precision", params, rationale=why)
     if _ATTENTION_TYPE.search(mtype) and out == "nan":
         why = (
-            f"{seen}; in attention, a query whose keys are all masked with -inf gets softmax over nothing: "
-            "exp(-inf − (−inf)) = NaN. A finite mask value (torch.finfo(dtype).min) gives such a row uniform weights "
-            "instead, and the masked keys still get ~0 weight elsewhere."
+            f"{seen}; in attention, a query whose keys are all masked with -inf gets softmax([-inf, …, -inf]) = 0/0 = NaN. "
+            "A finite mask value (torch.finfo(dtype).min) gives such a row uniform weights instead, and the masked keys "
+            "still get ~0 weight everywhere else."
         )
         return _remedy("finite_mask", {**p, "mask_value": "torch.finfo(dtype).min"}, rationale=why)
     if negative and out == "nan":

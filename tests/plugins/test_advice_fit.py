@@ -188,6 +188,7 @@ def test_a_fault_the_norms_grew_into_gets_clipping_too():
     remedies = gw.advise(produced(first_step=6, module="0", module_type="Linear", input_has_negative=True, output="inf"))
     gw.detach()
     assert kinds(remedies)[0] == "op_guard" and {"clipping", "lower_lr"} <= set(kinds(remedies))
+    assert "the norms grew before it" in remedies[0].rationale and "did not grow" not in remedies[0].rationale
 
 
 @pytest.mark.parametrize(
