@@ -7,9 +7,12 @@ excepted), which every depth rule and every remedy counts.
 
 What a remedy needs to know about the user's model: which activation follows each
 weight layer (modules, and functional calls where ``torch.fx`` can trace the model),
-where the normalisation layers are, whether the model has residual additions, and how
-each weight layer's scale compares with the Kaiming/Xavier expectation for the
-activation that follows it. Everything here runs on the host, once per watch (cached by
+where the normalisation layers are, whether the model has residual additions (and, traced,
+the weight layers of each branch and skip path: :func:`residual_branches`), which modules
+are attention, and how each weight layer's scale compares with the Kaiming/Xavier
+expectation for the activation that follows it (:func:`init_scales`) and what that does
+to the signal along its real path (:func:`predict_signal`: residual sums add variances,
+normalisation resets). Everything here runs on the host, once per watch (cached by
 the callers), and never raises for a model it does not understand: it says so instead.
 """
 
@@ -30,7 +33,10 @@ from gradwatch.types import ModelInfo, StepContext
 
 __all__ = [
     "Anatomy",
+    "Branch",
+    "FlowNode",
     "LayerScale",
+    "SignalPrediction",
     "INIT_TYPES",
     "is_weight_layer",
     "weight_layers",
@@ -39,6 +45,8 @@ __all__ = [
     "cached",
     "init_call",
     "init_scales",
+    "predict_signal",
+    "residual_branches",
     "setter",
 ]
 
@@ -112,6 +120,26 @@ _ADDS = {operator.add, operator.iadd, torch.add}
 # Module-heuristic fallback for residual additions when fx cannot trace the model.
 _RESIDUAL_NAME = re.compile(r"res|skip|shortcut|bottleneck|basicblock|transformer|encoderlayer|decoderlayer", re.I)
 _RESIDUAL_SOURCE = re.compile(r"\b(residual|identity|shortcut|skip)\b|\+=|\bx\s*\+|\+\s*x\b")
+# Attention modules, by class name (torch's, Hugging Face's BertSelfAttention, GPT2Attention…).
+_ATTENTION_NAME = re.compile(r"attention|attn|multihead|transformer", re.I)
+
+
+@dataclass(frozen=True)
+class FlowNode:
+    """One node of the model's forward graph, as the signal-scale model sees it.
+
+    Attributes:
+        kind: ``"input"`` (a placeholder), ``"layer"`` (a weight layer's call), ``"norm"``
+            (a normalisation or recurrent module: the scale after it is its own),
+            ``"add"`` (a sum of two tensors), ``"const"`` (a parameter or buffer read),
+            ``"pass"`` (anything else: activations, pooling, reshapes).
+        name: The module name for ``"layer"``/``"norm"``, else the fx node's name.
+        parents: Indices (into :attr:`Anatomy.flow`) of the nodes it reads.
+    """
+
+    kind: str
+    name: str
+    parents: tuple[int, ...]
 
 
 @dataclass
@@ -133,6 +161,11 @@ class Anatomy:
         residuals: Residual additions found: fx node names (with their module) or the
             names of modules judged residual by the heuristic.
         recurrent: Names of the ``nn.RNN``/``nn.LSTM``/``nn.GRU`` modules.
+        saturating: Names of the sigmoid/tanh-family activation modules.
+        attention: Names of attention modules (``nn.MultiheadAttention``, and classes whose
+            name says attention or transformer, as Hugging Face's do).
+        flow: The traced forward graph in topological order (:class:`FlowNode`), or
+            ``None`` when fx could not trace the model.
     """
 
     traced: bool
@@ -147,6 +180,14 @@ class Anatomy:
     residuals: list[str]
     recurrent: list[str]
     saturating: list[str] = field(default_factory=list)
+    attention: list[str] = field(default_factory=list)
+    flow: tuple[FlowNode, ...] | None = None
+
+    @property
+    def transformer(self) -> bool:
+        """Whether the model has attention modules (a transformer, for the conventions
+        that differ there, such as clipping at 1.0)."""
+        return bool(self.attention)
 
     @property
     def fx_note(self) -> str:
@@ -207,6 +248,49 @@ def _reaches(src: torch.fx.Node, dst: torch.fx.Node, limit: int = 10_000) -> boo
     return False
 
 
+def _ancestors(node: torch.fx.Node, limit: int = 10_000) -> set[torch.fx.Node]:
+    """``node`` and every node it depends on."""
+    stack, seen = [node], {node}
+    while stack and len(seen) < limit:
+        for parent in stack.pop().all_input_nodes:
+            if parent not in seen:
+                seen.add(parent)
+                stack.append(parent)
+    return seen
+
+
+def _forked(a: torch.fx.Node, b: torch.fx.Node) -> bool:
+    """Whether ``a`` and ``b`` both derive from one computed tensor (a block input that a
+    projection shortcut and a branch both read), not only from the model's inputs."""
+    common = _ancestors(a) & _ancestors(b)
+    return any(n.op not in ("placeholder", "get_attr") for n in common)
+
+
+def _flow(nodes: list[torch.fx.Node], modules: dict[str, nn.Module]) -> tuple[FlowNode, ...]:
+    index = {node: k for k, node in enumerate(nodes)}
+    out = []
+    for node in nodes:
+        parents = tuple(index[p] for p in node.all_input_nodes if p in index)
+        module = modules.get(str(node.target)) if node.op == "call_module" else None
+        is_add = (node.op == "call_function" and node.target in (*_ADDS, operator.sub, torch.sub)) or (
+            node.op == "call_method" and node.target in {"add", "add_", "sub", "sub_"}
+        )
+        if node.op == "placeholder":
+            kind, name = "input", node.name
+        elif node.op == "get_attr":
+            kind, name = "const", node.name
+        elif module is not None and is_weight_layer(module) and not isinstance(module, RECURRENT_TYPES):
+            kind, name = "layer", str(node.target)
+        elif module is not None and isinstance(module, (*NORM_TYPES, *RECURRENT_TYPES)):
+            kind, name = "norm", str(node.target)
+        elif is_add and len(parents) == 2:
+            kind, name = "add", node.name
+        else:
+            kind, name = "pass", node.name
+        out.append(FlowNode(kind=kind, name=name, parents=parents))
+    return tuple(out)
+
+
 def anatomy(model: nn.Module, forward_order: list[str] | None = None) -> Anatomy:
     """Look at ``model``: activations, normalisation, residuals, recurrent modules.
 
@@ -224,8 +308,10 @@ def anatomy(model: nn.Module, forward_order: list[str] | None = None) -> Anatomy
     normed: set[str] = set()
     functional: list[tuple[str, str, str | None]] = []
     residuals: list[str] = []
+    flow: tuple[FlowNode, ...] | None = None
     if graph is not None:
         nodes = list(graph.nodes)
+        flow = _flow(nodes, modules)
         weight_nodes = [n for n in nodes if _is_weight(n, modules)]
         weight_layers = list(dict.fromkeys(str(n.target) for n in weight_nodes))
         last_layer: str | None = None
@@ -262,7 +348,7 @@ def anatomy(model: nn.Module, forward_order: list[str] | None = None) -> Anatomy
                 node.op == "call_method" and node.target in {"add", "add_"}
             )
             args = [a for a in node.args[:2] if isinstance(a, torch.fx.Node)]
-            if is_add and len(args) == 2 and (_reaches(args[0], args[1]) or _reaches(args[1], args[0])):
+            if is_add and len(args) == 2 and (_reaches(args[0], args[1]) or _reaches(args[1], args[0]) or _forked(*args)):
                 stack = node.meta.get("nn_module_stack") or {}
                 owner = next(reversed(stack), None) if stack else None
                 residuals.append(f"{owner}: {node.name}" if owner else node.name)
@@ -293,6 +379,9 @@ def anatomy(model: nn.Module, forward_order: list[str] | None = None) -> Anatomy
                 residuals.append(name)
         source = "module heuristic"
     saturating = [n for n, k in activations.items() if k in _SATURATING]
+    attention = [
+        n for n, m in modules.items() if n and (isinstance(m, nn.MultiheadAttention) or _ATTENTION_NAME.search(type(m).__name__))
+    ]
     return Anatomy(
         traced=graph is not None,
         trace_error=error,
@@ -306,6 +395,8 @@ def anatomy(model: nn.Module, forward_order: list[str] | None = None) -> Anatomy
         residuals=residuals,
         recurrent=recurrent,
         saturating=saturating,
+        attention=attention,
+        flow=flow,
     )
 
 
@@ -392,6 +483,202 @@ def init_scales(model: nn.Module, anat: Anatomy, stds: dict[str, float] | None =
         std = stds[name] if stds is not None and name in stds else float(weight.detach().float().std())
         out.append(LayerScale(name=name, std=std, expected=expected, scheme=scheme, activation=kind, slope=slope))
     return out
+
+
+def _linear_gain(model: nn.Module, name: str, stds: dict[str, float] | None) -> float:
+    """A weight layer's scale against a variance-preserving linear map (``std·sqrt(fan_in)``,
+    LeCun): the gain of a layer that no activation follows (the last layer of a residual
+    branch, a projection)."""
+    module = model.get_submodule(name)
+    if not isinstance(module, INIT_TYPES):
+        return 1.0
+    fan_in, _ = nn.init._calculate_fan_in_and_fan_out(module.weight)
+    std = stds[name] if stds is not None and name in stds else float(module.weight.detach().float().std())
+    return std * math.sqrt(fan_in) if std > 0 and fan_in > 0 else 1.0
+
+
+@dataclass(frozen=True)
+class Branch:
+    """A residual addition ``a + b`` on the signal path, with the weight layers on each side
+    since the tensor both sides read.
+
+    Attributes:
+        add: The fx node of the addition.
+        layers: Weight layers of the longer side (the residual branch), forward order.
+        skip: Weight layers of the other side: ``()`` for an identity shortcut, the
+            projection for a downsampling one.
+        gain: Product of the branch layers' gains.
+        skip_gain: Product of the skip layers' gains (1 for an identity shortcut).
+    """
+
+    add: str
+    layers: tuple[str, ...]
+    skip: tuple[str, ...]
+    gain: float
+    skip_gain: float
+
+
+@dataclass(frozen=True)
+class SignalPrediction:
+    """What the initial weight scale does to the forward signal, along the real signal path.
+
+    Attributes:
+        gain: The predicted scale of the signal at :attr:`at`, relative to the model's input
+            or to the last normalisation layer before it (where it is largest or smallest).
+        at: The weight layer whose output that is.
+        layers: The judged layers (those of :func:`init_scales`) that feed it since the last
+            normalisation layer, forward order.
+        branches: The residual additions among them.
+        method: ``"flow"`` (propagated through the fx graph: layer gains multiply, a
+            residual sum adds the variances of its two sides, normalisation resets) or
+            ``"chain"`` (module order, no residual additions: the product of the gains).
+    """
+
+    gain: float
+    at: str
+    layers: tuple[str, ...]
+    branches: tuple[Branch, ...] = ()
+    method: str = "flow"
+
+
+def predict_signal(
+    model: nn.Module, anat: Anatomy, scales: list[LayerScale], stds: dict[str, float] | None = None
+) -> SignalPrediction | None:
+    """Predict how the initial weights scale the forward signal, following residual paths.
+
+    A weight layer multiplies the signal's standard deviation by its gain against the
+    variance-preserving init (:attr:`LayerScale.gain` for a judged layer, ``std·sqrt(fan_in)``
+    for one that no activation follows); ``a + b`` adds the variances of its two sides
+    (independent signals: ``x + f(x)`` has gain ``sqrt(1 + G²)`` for a branch of gain ``G``,
+    so an identity path keeps it near 1 and a chain is never multiplied through a residual
+    block); a normalisation layer resets the scale. Without a trace, the judged layers in
+    module order multiply as one chain, unless the model looks residual (then ``None``:
+    its signal path is not known).
+
+    Args:
+        model: The model.
+        anat: Its :func:`anatomy`.
+        scales: The judged layers (:func:`init_scales`).
+        stds: Measured stds by layer name (e.g. at attach); measured now if absent.
+
+    Returns:
+        The prediction at the layer where the predicted scale is furthest from 1, or
+        ``None`` when no layer is judged or the signal path is unknown.
+    """
+    gains = {s.name: s.gain for s in scales if s.gain > 0 and math.isfinite(s.gain)}
+    if not gains:
+        return None
+    if anat.flow is None:
+        if anat.residuals:
+            return None
+        chain = [n for n in anat.weight_layers if n in gains]
+        cumulative = [0.0]
+        for name in chain:
+            cumulative.append(cumulative[-1] + math.log(gains[name]))
+        k = max(range(1, len(cumulative)), key=lambda i: abs(cumulative[i]))
+        return SignalPrediction(gain=math.exp(cumulative[k]), at=chain[k - 1], layers=tuple(chain[:k]), method="chain")
+
+    def product(path: list[str]) -> float:
+        return math.exp(sum(math.log(gains.get(n) or _linear_gain(model, n, stds)) for n in path))
+
+    flow = anat.flow
+    logs: list[float | None] = []
+    seen_layers: set[str] = set()
+    judged_at: dict[str, int] = {}
+    for k, node in enumerate(flow):
+        parents = [logs[p] for p in node.parents if logs[p] is not None]
+        value: float | None
+        if node.kind == "input":
+            value = 0.0
+        elif node.kind == "const" or not parents:
+            value = None
+        elif node.kind == "norm":
+            value = 0.0
+        elif node.kind == "layer":
+            gain = gains.get(node.name) or _linear_gain(model, node.name, stds)
+            value = max(parents) + math.log(gain)
+            if node.name in gains and node.name not in seen_layers:
+                judged_at[node.name] = k
+            seen_layers.add(node.name)
+        elif node.kind == "add" and len(parents) == 2:
+            # Variances add: log sqrt(e^2a + e^2b), computed without overflow.
+            hi, lo = max(parents), min(parents)
+            value = hi + 0.5 * math.log1p(math.exp(2 * (lo - hi)))
+        else:
+            value = max(parents)
+        logs.append(value)
+    # The signal is what flows on: a judged layer's output or a residual sum, but not the
+    # inside of a residual branch (its output is added to the skip path before it goes on).
+    inside: set[int] = set()
+    for node in flow:
+        if node.kind == "add" and len(node.parents) == 2:
+            a, b = (_upstream(flow, p) for p in node.parents)
+            inside |= a ^ b
+    points = {n: k for n, k in judged_at.items() if k not in inside and logs[k] is not None}
+    points.update(
+        {flow[k].name: k for k, node in enumerate(flow) if node.kind == "add" and k not in inside and logs[k] is not None}
+    )
+    if not points:
+        return None
+    at_name = max(points, key=lambda n: abs(logs[points[n]] or 0.0))
+    at = points[at_name]
+    # An addition is named by the last weight layer that feeds it.
+    worst = at_name if flow[at].kind == "layer" else _last_layer(flow, at, anat.weight_layers) or at_name
+    upstream = _upstream(flow, at)
+    names = {flow[i].name for i in upstream if flow[i].kind == "layer"}
+    layers = tuple(n for n in anat.weight_layers if n in names and n in gains)
+    branches = [
+        Branch(add=add, layers=branch, skip=skip, gain=product(list(branch)), skip_gain=product(list(skip)))
+        for k, add, branch, skip in _sides(flow, anat.weight_layers)
+        if k in upstream
+    ]
+    return SignalPrediction(gain=math.exp(logs[at] or 0.0), at=worst, layers=layers, branches=tuple(branches))
+
+
+def _sides(flow: tuple[FlowNode, ...], order: list[str]) -> list[tuple[int, str, tuple[str, ...], tuple[str, ...]]]:
+    """``(node index, add name, branch layers, skip layers)`` of every residual addition
+    whose sides hold weight layers (the longer side is the branch), forward order."""
+    out = []
+    for k, node in enumerate(flow):
+        if node.kind != "add" or len(node.parents) != 2:
+            continue
+        a, b = (_upstream(flow, p) for p in node.parents)
+        names_a = {flow[j].name for j in a - b if flow[j].kind == "layer"}
+        names_b = {flow[j].name for j in b - a if flow[j].kind == "layer"}
+        side_a = tuple(n for n in order if n in names_a)
+        side_b = tuple(n for n in order if n in names_b)
+        if side_a or side_b:
+            branch, skip = (side_a, side_b) if len(side_a) >= len(side_b) else (side_b, side_a)
+            out.append((k, node.name, branch, skip))
+    return out
+
+
+def residual_branches(anat: Anatomy) -> list[tuple[str, tuple[str, ...], tuple[str, ...]]]:
+    """``(add, branch layers, skip layers)`` of each residual addition fx found (the
+    longer side is the branch; the skip side is ``()`` for an identity shortcut); ``[]``
+    without a trace."""
+    return [(add, branch, skip) for _, add, branch, skip in _sides(anat.flow, anat.weight_layers)] if anat.flow else []
+
+
+def _last_layer(flow: tuple[FlowNode, ...], start: int, order: list[str]) -> str | None:
+    names = {flow[k].name for k in _upstream(flow, start) if flow[k].kind == "layer"}
+    found = [n for n in order if n in names]
+    return found[-1] if found else None
+
+
+def _upstream(flow: tuple[FlowNode, ...], start: int) -> set[int]:
+    """``start`` and the nodes it depends on, back to (and including) the nearest
+    normalisation layers, which reset the scale."""
+    seen, stack = {start}, [start]
+    while stack:
+        k = stack.pop()
+        if flow[k].kind == "norm" and k != start:
+            continue
+        for p in flow[k].parents:
+            if p not in seen:
+                seen.add(p)
+                stack.append(p)
+    return seen
 
 
 def init_call(scale: LayerScale, target: str) -> str:

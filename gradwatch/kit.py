@@ -4,7 +4,11 @@
   "did you mean" for a misspelled name and a message that says what to pass;
 * :func:`profile` and :func:`fit_decay`: per-layer geometric means over steps and the
   per-layer decay of a log-linear fit over depth, the numbers the depth rules judge;
-* :func:`num` and :func:`times`: how a number and a ratio are written in a message.
+* :func:`num` and :func:`times`: how a number and a ratio are written in a message (the one
+  rule for every ``message``, ``summary``, ``title`` and ``rationale``, checked on every
+  built-in template by tests/test_messages.py); :func:`power` writes a bound like ``0.25^19``
+  without underflow, :func:`round_sig` rounds a number a remedy carries in ``params`` to the
+  figures :func:`num` shows.
 
 Weight layers (what "depth" counts) are defined once, in :mod:`gradwatch.anatomy`
 (:func:`~gradwatch.anatomy.weight_layers`), and re-exported here.
@@ -25,7 +29,18 @@ from gradwatch.types import GradWatchError
 if TYPE_CHECKING:
     from gradwatch.config import WatchConfig
 
-__all__ = ["fit_decay", "float_tensors", "is_weight_layer", "num", "plugin_options", "profile", "times", "weight_layers"]
+__all__ = [
+    "fit_decay",
+    "float_tensors",
+    "is_weight_layer",
+    "num",
+    "plugin_options",
+    "power",
+    "profile",
+    "round_sig",
+    "times",
+    "weight_layers",
+]
 
 
 def plugin_options(
@@ -169,3 +184,23 @@ def times(ratio: float | None, cap: float = TIMES_CAP) -> str:
     if 0 <= ratio < 1 / cap:
         return f"≪ 1/{num(cap)}×"
     return f"×{num(ratio)}"
+
+
+def round_sig(value: float, digits: int = 3) -> float:
+    """``value`` rounded to ``digits`` significant figures (what :func:`num` shows), so a
+    number a remedy carries in ``params`` and the text that quotes it agree."""
+    value = float(value)
+    if value == 0 or not math.isfinite(value):
+        return value
+    return float(f"{value:.{digits - 1}e}")
+
+
+def power(base: float, exponent: float) -> str:
+    """``base ** exponent`` as messages write it (:func:`num`), computed in log space so a
+    bound like ``0.25 ** 600`` is written ``1e-361`` instead of underflowing to 0."""
+    if base <= 0:
+        return num(base**exponent)
+    log10 = exponent * math.log10(base)
+    if -300 < log10 < 300:
+        return num(10.0**log10)
+    return f"1e{round(log10):+d}"

@@ -194,7 +194,7 @@ def test_hook_advise_lstm_gru_with_forget_bias():
     gw.detach()
     assert [r.kind for r in remedies] == ["lstm_gru", "reinit"]
     lstm = remedies[0]
-    assert "'rnn'" in lstm.title and "7.9e-31" in lstm.rationale and "forget" in lstm.rationale
+    assert "'rnn'" in lstm.title and "0.5^100 = 7.89e-31" in lstm.rationale and "forget" in lstm.rationale
     assert "nn.LSTM(4, 32" in lstm.snippet and "p[32:64].fill_(4.6)" in lstm.snippet
     fixed = lstm.apply(copy.deepcopy(model))
     assert isinstance(fixed.rnn, nn.LSTM)
@@ -223,11 +223,16 @@ def test_hook_advise_clipping_threshold_is_the_stated_percentile():
     check_snippets(model, [clip], torch.randn(4, 8))
 
 
-def test_hook_advise_clipping_falls_back_to_detector_quantiles():
+def test_hook_advise_clipping_without_healthy_rows_says_so():
+    # No norm measured before the onset: the detector's quantiles (over exploded rows too)
+    # are not a threshold; a conventional value is, with its source.
     gw = _watcher(TinyModel())
     (clip,) = [r for r in advise(gw, exploding(step=0)) if r.kind == "clipping"]
     gw.detach()
-    assert "max_norm=2)" in clip.snippet and "90th percentile of the total norm reported by the detector" in clip.rationale
+    assert clip.params == {"max_norm": 1.0, "healthy_rows": 0, "before_step": 1, "basis": "default"}
+    assert "max_norm=1)" in clip.snippet and "max_norm=2)" not in clip.snippet
+    assert "only 0 healthy total norm(s) were measured before step 1" in clip.rationale
+    assert "so the threshold is the common default, 1" in clip.rationale
 
 
 def test_hook_advise_lower_lr_factor_from_update_ratio():
@@ -236,7 +241,8 @@ def test_hook_advise_lower_lr_factor_from_update_ratio():
     gw.detach()
     (lower,) = [r for r in remedies if r.kind == "lower_lr"]
     assert lower.title == "Lower the learning rate by ×100"  # 0.3 / 1e-3 = 300 -> 10^round(2.48)
-    assert "0.3" in lower.rationale and "300×" in lower.rationale
+    assert "was 0.3, ×300 the ~0.001 of a healthy step" in lower.rationale
+    assert lower.params["lr_factor"] == pytest.approx(0.01) and lower.params["at_least"] is False
     model = TinyModel()
     opt = torch.optim.SGD(model.parameters(), lr=5.0)
     exec(lower.snippet, {"optimizer": opt})
