@@ -313,8 +313,10 @@ def render_report(
                 memory.boxes.setdefault(diagnosis_key(d), step)
         memory.last_step = step
         return
-    title = flow_title(span if span is not None else step, final=final, plain=plain)
-    console.print(flow_table(rows, console, title=title, options=options))
+    # The title on its own line: it wraps at the console's width between words (a table's
+    # own title wraps at the table's width, narrower than the title in compact mode).
+    console.print(Text(flow_title(span if span is not None else step, final=final, plain=plain), style="italic"))
+    console.print(flow_table(rows, console, options=options))
     note = table_note(rows, span)
     if note:
         console.print(Text(note, style="dim"))
@@ -345,10 +347,15 @@ def render_report(
         if compact:
             console.print(headline(d))
             for n, remedy in enumerate(d.remedies, 1):
-                ref = seen.get(remedy_key(remedy))
+                rkey = remedy_key(remedy)
+                ref = seen.get(rkey)
+                others = [k for k in dict.fromkeys(also.get(rkey, ())) if k != d.kind]
                 text = Text(f"  {n}. {remedy.title}")
                 if ref:
                     text.append(f" ({ref})", style="dim")
+                elif others:
+                    text.append(f" (also for {', '.join(others)})", style="dim")
+                    here.setdefault(rkey, d.kind)
                 console.print(text, highlight=False)
         else:
             console.print(

@@ -62,9 +62,11 @@ def _diag(kind="vanishing", severity=Severity.WARNING, layers=("linear1",), summ
     return Diagnosis(kind=kind, severity=severity, step=step, layers=layers, message=f"{kind} message", summary=summary)
 
 
-def _run(script, remedies=None, steps=12, report_every=4, options=None, keep=ONLY, **kw) -> tuple[str, gradwatch.Watcher]:
+def _run(
+    script, remedies=None, steps=12, report_every=4, options=None, keep=ONLY, width=100, **kw
+) -> tuple[str, gradwatch.Watcher]:
     torch.manual_seed(0)
-    model, console = TinyModel(), _console()
+    model, console = TinyModel(), _console(width)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     with gradwatch.watch(model, opt, report_every=report_every, console=console, plugins=[Scripted(script, remedies)],
                          disable=_others(keep), autoload=False, options={"console": options or {}}, **kw) as gw:  # fmt: skip
@@ -101,6 +103,9 @@ def test_one_remedy_for_two_diagnoses_is_printed_once_listing_both():
     assert "2. Re-initialise 2 layers with Xavier init (as for init_scale above)" in text
     # Remedy.params, one dim line under the remedy printed in full.
     assert "params: init=xavier_normal_, gain=1" in text and "params: activation=ReLU" in text
+    compact, _ = _run({3: both}, {"init_scale": [XAVIER], "vanishing": [RELU, XAVIER]}, options={"compact": True})
+    assert "  1. Re-initialise 2 layers with Xavier init (also for vanishing)" in compact
+    assert "  2. Re-initialise 2 layers with Xavier init (as for init_scale above)" in compact
 
 
 def test_final_report_says_what_changed_and_ends_with_a_short_summary():
@@ -195,6 +200,12 @@ def test_titles_shorten_by_whole_names_and_compact_lines_wrap_at_40_columns():
     assert len(lines) > 1 and max(len(line) for line in lines) <= 40
     words = " ".join(lines).split()
     assert words == headline(d).plain.split()  # wrapped between words: every name whole
+
+    compact, _ = _run({3: [d]}, options={"compact": True}, width=40)
+    lines = compact.splitlines()
+    assert max(len(line.rstrip()) for line in lines) <= 40
+    final = lines.index(next(line for line in lines if line.startswith("gradwatch - gradient flow - steps 8-11")))
+    assert " ".join(lines[final : final + 2]).split() == "gradwatch - gradient flow - steps 8-11 (final)".split()
 
 
 # ---------------------------------------------------------------------- gw.report()
