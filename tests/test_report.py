@@ -108,6 +108,14 @@ def test_one_remedy_for_two_diagnoses_is_printed_once_listing_both():
     assert "  2. Re-initialise 2 layers with Xavier init (as for init_scale above)" in compact
 
 
+def test_remedy_params_reach_the_run_log(tmp_path):
+    from gradwatch.logfile import read_log
+
+    _run({3: [_diag()]}, {"vanishing": [RELU, XAVIER]}, keep=("console", "runlog"), log=tmp_path / "run.jsonl")
+    (logged,) = read_log(tmp_path / "run.jsonl").diagnoses
+    assert [dict(r.params) for r in logged.remedies] == [dict(RELU.params), dict(XAVIER.params)]
+
+
 def test_final_report_says_what_changed_and_ends_with_a_short_summary():
     text, gw = _run({3: [_diag()], "final": [_diag("exploding", layers=("linear2",), summary="total norm 1e+03")]})
     final = text[text.rindex("gradwatch - gradient flow") :]
