@@ -70,7 +70,6 @@ __all__ = [
 
 #: Rendered lines of the first remedy's snippet in a box (``show_all`` prints it whole).
 SNIPPET_LINES = 8
-_SNIPPET_LINES = SNIPPET_LINES  # the name before issue 14
 #: The bars span at least this many decades below the table's largest norm.
 MIN_DECADES = 4
 _SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
