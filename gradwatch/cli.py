@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
+# Nothing heavy at import: `gradwatch --help`, `--version` and argument errors never
+# import torch (each command imports what it needs).
 if TYPE_CHECKING:
+    from gradwatch.flow import FlowSpan
     from gradwatch.logfile import RunLog
 
 __all__ = ["main"]
@@ -64,29 +67,64 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from gradwatch.render import render_report
 
     log = read_log(args.log)
+    rows = log.summary()
+    if not rows:
+        print(
+            f"gradwatch: error: {log.path}: the run log holds no report interval yet (only its header); "
+            "the first is written after report_every steps, or at the end of the run",
+            file=sys.stderr,
+        )
+        return 2
     console = Console(width=args.width) if args.width else Console()
     options = {"compact": args.compact, "show_all": args.all}
     if log.end is None:
         console.print(f"[yellow]the run did not finish (no end record); the report covers steps up to {log.last_step}[/]")
+    diagnoses = sorted(log.diagnoses, key=lambda d: (-d.severity.rank, d.step))
     render_report(
         console,
-        rows=log.summary(),
-        diagnoses=log.diagnoses,
+        rows=rows,
+        diagnoses=diagnoses,
         actions=log.actions,
         step=log.last_step,
         final=log.end is not None,
         options=options,
+        span=_span(log),
+        cadence=_cadence(log),
+        full_hint=f"gradwatch report {args.log} --all",
     )
     return _cut(log)
+
+
+def _span(log: RunLog) -> FlowSpan | None:
+    """The steps the log's last table rows are the means of: its last interval record."""
+    from gradwatch.flow import FlowSpan
+
+    if not log.intervals:
+        return None
+    last = log.intervals[-1]
+    first_step, last_step = int(last["first_step"]), int(last["last_step"])
+    if log.end is not None:
+        last_step = max(last_step, int(log.end["step"]))
+    bad = tuple(s for s, _ in log.nonfinite if int(last["first_step"]) <= s <= int(last["last_step"]))
+    return FlowSpan(first=first_step, last=last_step, steps=tuple(last["steps"]), nonfinite=bad)
+
+
+def _cadence(log: RunLog) -> str | None:
+    """The cadence description the run log's header carries, if the writer recorded one."""
+    cadence = log.header.get("cadence", log.header.get("config", {}).get("cadence"))
+    if isinstance(cadence, Mapping):
+        cadence = cadence.get("description")
+    return str(cadence) if cadence else None
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
     """Draw the gradient-flow heatmap and the total-norm timeline of a run."""
     from gradwatch.logfile import read_log
-    from gradwatch.plot import MissingMatplotlib, plot_run
+    from gradwatch.plot import MissingMatplotlib, check_output, plot_run
 
-    log = read_log(args.log)
     try:
+        check_output(args.output)  # a format matplotlib cannot write: say so before reading the log
+        log = read_log(args.log)
         path = plot_run(log, args.output, dpi=args.dpi, title=args.title)
     except MissingMatplotlib as exc:
         print(f"gradwatch: error: {exc}", file=sys.stderr)

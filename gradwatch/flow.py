@@ -25,7 +25,7 @@ import torch
 
 from gradwatch.types import Diagnosis, Report
 
-__all__ = ["STATUS", "FlowRow", "collapse", "flow_rows", "layer_status", "layer_summary", "statuses"]
+__all__ = ["STATUS", "FlowRow", "FlowSpan", "collapse", "flow_rows", "flow_span", "layer_status", "layer_summary", "statuses"]
 
 #: Status shown in the table for each diagnosis kind (plugin kinds show their own name).
 STATUS = {
@@ -89,6 +89,25 @@ class FlowRow:
             nonfinite=int(d.get("nonfinite", 0)),
             status=d.get("status", "ok"),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class FlowSpan:
+    """Which steps a flow table's numbers are the means of, so that its title can say so.
+
+    Attributes:
+        first: First step of the interval the rows cover (inclusive).
+        last: Last step of that interval (inclusive).
+        steps: The statistics steps among them (the rows the means are taken over).
+        nonfinite: The statistics steps at which some layer's gradient held a NaN or an
+            Inf; a layer's mean leaves such a step out, so a table whose last step was
+            all NaN still shows finite means of the steps before it, and says so.
+    """
+
+    first: int
+    last: int
+    steps: tuple[int, ...] = ()
+    nonfinite: tuple[int, ...] = ()
 
 
 def _num(value: float) -> float | str | None:
@@ -193,6 +212,23 @@ def _layers_for(target: str, names: Sequence[str], rank: Mapping[str, int], modu
 def _module_order(report: Report) -> list[str]:
     model = getattr(report.model, "model", None)
     return [name for name, _ in model.named_modules()] if model is not None else []
+
+
+def flow_span(report: Report, report_every: int | None = None) -> FlowSpan:
+    """The steps :func:`flow_rows` of ``report`` are the means of (``report_every`` as for
+    :func:`layer_summary`: an empty window falls back on the history's last interval)."""
+    window = report.window
+    if len(window) or report.history is None:
+        steps, bad = window.steps, window.nonfinite
+        first, last = window.first_step, window.last_step
+    else:
+        history = report.history
+        keep = history.steps > report.step - report_every if report_every else torch.ones_like(history.steps, dtype=torch.bool)
+        steps, bad = history.steps[keep], history.nonfinite[keep]
+        last = report.step
+        first = max(0, report.step - report_every + 1) if report_every else (int(steps[0]) if len(steps) else 0)
+    nonfinite = steps[(bad > 0).any(1)] if bad.numel() else steps[:0]
+    return FlowSpan(first=int(first), last=int(last), steps=tuple(steps.tolist()), nonfinite=tuple(nonfinite.tolist()))
 
 
 def flow_rows(report: Report, report_every: int | None = None) -> list[FlowRow]:

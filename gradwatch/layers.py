@@ -93,6 +93,13 @@ def as_optimizers(optimizer: object) -> tuple[torch.optim.Optimizer, ...]:
         optimizers = tuple(optimizer)
         if optimizers and all(isinstance(o, torch.optim.Optimizer) for o in optimizers):
             return tuple(map(_unwrap_optimizer, optimizers))
+        if all(isinstance(o, (torch.Tensor, dict)) for o in optimizers):
+            # watch(model, model.parameters()): parameters (or param groups) where the optimizer goes
+            raise GradWatchError(
+                f"optimizer= got parameters ({type(optimizer).__name__} of {len(optimizers)} tensor(s) or parameter groups), "
+                "not an optimizer; pass the optimizer itself: gradwatch.watch(model, optimizer), or no optimizer and "
+                "call gw.step() after each backward"
+            )
     raise GradWatchError(f"optimizer must be a torch.optim.Optimizer, a list of them, or None, got {type(optimizer).__name__}")
 
 

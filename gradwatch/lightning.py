@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from gradwatch._door import LogTap, capture_console, check_log_layers, log_metrics, print_text, take_text
+from gradwatch._door import LogTap, capture_console, check_log_layers, count_metrics, log_metrics, print_text, take_text
 from gradwatch.config import WatchConfig
 from gradwatch.manager import plugin_manager
 from gradwatch.types import Diagnosis, GradWatchError, GradWatchWarning
@@ -221,12 +221,14 @@ class GradWatchCallback:
         """Final report and hook removal; the watchers stay readable (``diagnoses``, ``state_dict``)."""
         if stage == "fit":
             self._detach_all(report=True)
+            self._log_final(trainer)
             self._progress_bar = None
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         """Remove every hook; report what was seen before the failure (never masks it)."""
         try:
             self._detach_all(report=True)
+            self._log_final(trainer)
         except Exception as exc:  # the user's exception is the one that matters
             warnings.warn(f"gradwatch could not give its final report ({exc!r})", GradWatchWarning, stacklevel=2)
         self._progress_bar = None
@@ -240,7 +242,7 @@ class GradWatchCallback:
         states = []
         for i, watcher in enumerate(self.watchers):
             if watcher.attached:
-                watcher.report()
+                watcher.report(new_only=True)  # drain the open interval; print only what is new
                 self._flush(i)
             state = watcher.state_dict()
             # The open step (gradients read, update done) counts as taken: a resumed
@@ -348,6 +350,30 @@ class GradWatchCallback:
         # global console prints above a live display (RichProgressBar).
         tqdm = live and bar is not None and getattr(bar, "is_enabled", False) and type(bar).__name__ != "RichProgressBar"
         print_text(text, bar.print if tqdm else None)
+
+    def _log_final(self, trainer: Any) -> None:
+        """Log the diagnosis and clip counts once the final report has diagnosed the last,
+        partial interval: a fit shorter than a report interval past its last logging step
+        would otherwise log no ``grad/diagnoses/*`` at all (issue 14). Written straight to
+        the Trainer's loggers (``log_dict`` is not allowed at teardown), at the step
+        Lightning's own logging uses, before Lightning finalizes them."""
+        if not (self.log_metrics and self.watchers and getattr(trainer, "is_global_zero", True) and trainer.loggers):
+            return
+        metrics: dict[str, float] = {}
+        for i, watcher in enumerate(self.watchers):
+            metrics.update(count_metrics(watcher, prefix=f"grad/{self._labels[i]}/" if self._labels[i] else "grad/"))
+        loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+        step = getattr(loop, "_batches_that_stepped", None)
+        step = trainer.global_step if step is None else step
+        try:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+        except Exception as exc:  # logging is a report: it never stops the user's run
+            if self.config.strict:
+                raise
+            warnings.warn(
+                f"gradwatch could not log its final counts ({type(exc).__name__}: {exc})", GradWatchWarning, stacklevel=2
+            )
 
     def _metrics(self, index: int) -> dict[str, Any]:
         prefix = f"grad/{self._labels[index]}/" if self._labels[index] else "grad/"

@@ -12,7 +12,8 @@ actions of the run.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from gradwatch.stats import History
 from gradwatch.types import Action, Diagnosis, ModelInfo, Remedy, Report, StatsWindow, StepContext
@@ -50,8 +51,18 @@ class Pipeline:
         if self.history.layers != layers:
             self.history = History(layers, max_rows=self.history.max_rows)
 
-    def interval(self, window: StatsWindow, model: ModelInfo, ctx: StepContext, console: Console, *, final: bool) -> Report:
-        """Run one report interval on ``window`` and give the report (rank zero)."""
+    def interval(
+        self,
+        window: StatsWindow,
+        model: ModelInfo,
+        ctx: StepContext,
+        console: Console,
+        *,
+        final: bool,
+        request: Mapping[str, Any] | None = None,
+    ) -> Report:
+        """Run one report interval on ``window`` and give the report (rank zero);
+        ``request``: see :attr:`Report.request`."""
         actions, diagnoses = self.diagnose(window, model, ctx)
         report = Report(
             step=ctx.step,
@@ -62,6 +73,7 @@ class Pipeline:
             model=model,
             final=final,
             history=self.history,
+            request=request,
         )
         if ctx.is_rank_zero:
             self.host.call("gradwatch_report", report=report, console=console, ctx=ctx)

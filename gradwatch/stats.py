@@ -517,3 +517,70 @@ class History:
         self.update_ratio = Series(*state["update_ratio"])  # type: ignore[misc]
         self.extras = {k: Series(*v) for k, v in state["extras"].items()}  # type: ignore[attr-defined]
         self.amp_skips = list(state["amp_skips"])  # type: ignore[call-overload]
+
+    # ------------------------------------------------------------------ reading it (issue 14)
+
+    #: The per-step, per-layer statistics (``[S, L]``), by name: ``history["grad_norm"]``.
+    MATRICES = ("grad_norm", "grad_rms", "grad_max", "nonfinite", "present")
+
+    def __getitem__(self, name: str) -> Any:
+        """``history["grad_norm"]`` is ``history.grad_norm`` (any statistic named in
+        :meth:`to_dict`'s columns, ``steps``, ``total_norm``, ``weight_norm``, ``update_ratio``
+        or ``loss``); unknown names raise ``KeyError`` listing the known ones."""
+        known = ("steps", *self.MATRICES, "total_norm", "weight_norm", "update_ratio", "loss")
+        if name not in known:
+            raise KeyError(f"{name!r}; a History holds {', '.join(known)} (and extras in history.extras)")
+        return getattr(self, name)
+
+    def __repr__(self) -> str:
+        steps = len(self)
+        span = f", steps {int(self.steps[0])}..{int(self.steps[-1])}" if steps else ""
+        names = [n or "(root)" for n in self.layers]
+        shown = ", ".join(repr(n) for n in names[:3]) + (f", ... {names[-1]!r}" if len(names) > 4 else "")
+        if len(names) == 4:
+            shown += f", {names[-1]!r}"
+        sampled = len(self.update_ratio.steps)
+        extras = f", extras: {', '.join(sorted(self.extras))}" if self.extras else ""
+        return (
+            f"History({steps} step{'s' if steps != 1 else ''} x {len(self.layers)} layers{span}; layers [{shown}]; "
+            f"{'/'.join(self.MATRICES)} [{steps}, {len(self.layers)}], total_norm [{steps}], "
+            f"update_ratio on {sampled} sampled step{'s' if sampled != 1 else ''}{extras})"
+        )
+
+    def to_dict(self) -> dict[str, list[Any]]:
+        """The history as columns of equal length, one row per (step, layer): a tidy table
+        for ``pandas.DataFrame(history.to_dict())``.
+
+        Columns: ``step``, ``layer`` (name), the per-layer statistics ``grad_norm``,
+        ``grad_rms``, ``grad_max``, ``nonfinite``, ``present``, the sampled-step
+        ``weight_norm`` and ``update_ratio`` (NaN on steps that were not sampled), and the
+        per-step ``total_norm`` and ``loss`` (repeated on each layer's row; ``loss`` NaN
+        where none was recorded). Rows are in step order, layers in forward order within
+        a step. Plugins' extra statistics stay in :attr:`extras`.
+
+        Example::
+
+            df = pandas.DataFrame(gw.history.to_dict())
+            df.pivot(index="step", columns="layer", values="grad_norm").plot(logy=True)
+        """
+        steps = self.steps.tolist()
+        width = len(self.layers)
+        out: dict[str, list[Any]] = {
+            "step": [s for s in steps for _ in range(width)],
+            "layer": list(self.layers) * len(steps),
+        }
+        for name in self.MATRICES:
+            values = getattr(self, name).reshape(-1).tolist()
+            out[name] = [int(v) for v in values] if name in ("nonfinite", "present") else values
+        row = {s: i for i, s in enumerate(steps)}
+        for name in ("weight_norm", "update_ratio"):
+            series = getattr(self, name)
+            column = [math.nan] * (len(steps) * width)
+            for step, values in zip(series.steps.tolist(), series.values.tolist()):
+                if step in row:
+                    column[row[step] * width : (row[step] + 1) * width] = values
+            out[name] = column
+        out["total_norm"] = [v for v in self.total_norm.tolist() for _ in range(width)]
+        loss = dict(zip(self.loss.steps.tolist(), self.loss.values.tolist()))
+        out["loss"] = [loss.get(s, math.nan) for s in steps for _ in range(width)]
+        return out

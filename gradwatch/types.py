@@ -378,6 +378,10 @@ class Report:
         model: What gradwatch knows of the model.
         final: Whether this is the report at the end of the watch.
         history: Per-layer statistics of the whole run so far (host tensors).
+        request: ``None`` for a scheduled report (every ``report_every`` steps and at the
+            end); for one asked for with :meth:`gradwatch.Watcher.report`, what was asked
+            (``{"show_all": bool}``): a console reporter prints it now, whatever its
+            cadence, with every diagnosis of the run so far.
     """
 
     step: int
@@ -388,6 +392,7 @@ class Report:
     model: ModelInfo = field(repr=False, compare=False)
     final: bool = False
     history: Any = field(default=None, repr=False, compare=False)
+    request: Mapping[str, Any] | None = None
 
 
 def _jsonable(value: Any) -> Any:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -37,7 +38,18 @@ from gradwatch.manager import PluginHost, plugin_manager
 from gradwatch.pipeline import Pipeline
 from gradwatch.stash import Stash
 from gradwatch.stats import LOSS_KEY, History, Plan, StatsRing, WeightSnapshot
-from gradwatch.types import Action, Diagnosis, GradWatchError, GradWatchWarning, ModelInfo, Remedy, Report, StepContext
+from gradwatch.types import (
+    Action,
+    Diagnosis,
+    GradWatchError,
+    GradWatchWarning,
+    ModelInfo,
+    Remedy,
+    Report,
+    Series,
+    StatsWindow,
+    StepContext,
+)
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -48,6 +60,9 @@ __all__ = ["Watcher", "watch"]
 # model -> {id(watcher): keys of the step sources it hooks}; weak so models die freely.
 _ATTACHED: weakref.WeakKeyDictionary[nn.Module, dict[int, frozenset[object]]] = weakref.WeakKeyDictionary()
 _EXPLICIT = "explicit gw.step()"
+#: Forwards that find gradients, with no step boundary ever seen, before watch() without an
+#: optimizer warns that the loop must call gw.step().
+STEPLESS_FORWARDS = 3
 
 
 class Watcher:
@@ -118,6 +133,9 @@ class Watcher:
         self._order_handles: list[RemovableHandle] = []
         self._handles: list[RemovableHandle] = []
         self.probing = False
+        # Forwards that found gradients while no step boundary was ever seen; counted only
+        # when watch() got no optimizer (the loop must call gw.step()), None otherwise.
+        self._stepless: int | None = None
         self.probes = Probes(self)
         self.pm = plugin_manager(config)
         self.host = PluginHost(self.pm, strict=config.strict)
@@ -260,9 +278,70 @@ class Watcher:
         assert self._ring is not None
         self._ring.write_extra(self._step, LOSS_KEY, loss.detach().reshape(()))
 
-    def report(self) -> Report | None:
-        """Drain the statistics so far, diagnose them and print the report now (rank zero)."""
-        return self._guard(lambda: self._report_interval(final=False))
+    def report(self, *, show_all: bool = False, new_only: bool = False) -> Report | None:
+        """Print the report now (rank zero): the flow table of the latest statistics and
+        every diagnosis of the run so far, in full, whenever it is called.
+
+        While attached, the step whose update already ran is closed and the statistics
+        recorded since the last report are drained and diagnosed first (a partial report
+        interval, which the run log records too). After the ``with`` block it prints the
+        run's final state again.
+
+        Args:
+            show_all: The full report: every layer (no collapsed rows), all evidence, and
+                every remedy's rationale and code.
+            new_only: Print only when this call finds new diagnoses, as a scheduled report
+                does (``show_all`` is then the console option's).
+
+        Returns:
+            The report given to the reporters, or ``None`` when ``new_only`` found nothing
+            to drain.
+        """
+        request = None if new_only else {"show_all": bool(show_all)}
+        return self._guard(lambda: self._report_now(request))
+
+    def _report_now(self, request: Mapping[str, Any] | None) -> Report | None:
+        if self._attached and self._broken is None:
+            if self._open:
+                self._close()
+            if self._ring is not None and self._interval_start < self._step:
+                return self._report_interval(final=False, request=request)
+        if request is None:
+            return None
+        # Nothing new to drain (or the watch is over): the current state, from the history.
+        step = max(self._step - 1, 0)
+        report = Report(
+            step=step,
+            window=self._empty_window(),
+            diagnoses=(),
+            all_diagnoses=tuple(self.diagnoses),
+            actions=(),
+            model=self.model_info,
+            history=self.history,
+            request=request,
+        )
+        ctx = self.context(step=step)
+        if ctx.is_rank_zero:
+            self.host.call("gradwatch_report", report=report, console=self.console, ctx=ctx)
+        return report
+
+    def _empty_window(self) -> StatsWindow:
+        names = self.model_info.names
+        empty, steps = torch.zeros((0, len(names))), torch.zeros(0, dtype=torch.int64)
+        return StatsWindow(
+            layers=names,
+            steps=steps,
+            grad_norm=empty,
+            grad_rms=empty,
+            grad_max=empty,
+            nonfinite=empty,
+            present=empty,
+            total_norm=torch.zeros(0),
+            weight_norm=Series(steps, empty),
+            update_ratio=Series(steps, empty),
+            first_step=self._step,
+            last_step=self._step - 1,
+        )
 
     def advise(self, diagnosis: Diagnosis) -> list[Remedy]:
         """The remedies every plugin suggests for ``diagnosis``, as the host gives them at a
@@ -340,6 +419,8 @@ class Watcher:
             self._guard(lambda: self._optimizer_step(optimizer))
 
     def _forward_started(self) -> None:
+        if self._stepless is not None:
+            self._count_stepless()
         if self._open:
             self._close()
         elif self.amp.skipped():
@@ -355,8 +436,27 @@ class Watcher:
         self._boundary()
         self._stepped = {id(optimizer)}
 
+    def _count_stepless(self) -> None:
+        """Warn once when forwards keep finding gradients but no step boundary ever comes
+        (``watch(model)`` without an optimizer and without ``gw.step()``): otherwise the
+        run would end with no report and no hint (issue 14)."""
+        layer = self.model_info.layers[0]  # one layer's attributes: no loop over the model
+        if not any(getattr(layer.module, name).grad is not None for name in layer.param_names):
+            return
+        self._stepless += 1  # type: ignore[operator]
+        if self._stepless >= STEPLESS_FORWARDS:
+            self._stepless = None
+            warnings.warn(
+                f"gradwatch.watch() was given no optimizer and gw.step() was never called: {STEPLESS_FORWARDS} forward "
+                "passes ran after a backward but no step boundary was seen, so nothing is measured or reported; "
+                "pass the optimizer (gradwatch.watch(model, optimizer)) or call gw.step() after each backward",
+                GradWatchWarning,
+                stacklevel=_user_stacklevel(),
+            )
+
     @torch.no_grad()
     def _boundary(self) -> None:
+        self._stepless = None
         if self._open:
             self._close()
         plan = self._ensure_plan()
@@ -431,7 +531,7 @@ class Watcher:
             self._close()
         self._report_interval(final=True)
 
-    def _report_interval(self, *, final: bool) -> Report | None:
+    def _report_interval(self, *, final: bool, request: Mapping[str, Any] | None = None) -> Report | None:
         first, last = self._interval_start, self._step - 1
         self._interval_start = self._step
         if self._ring is None:
@@ -441,7 +541,7 @@ class Watcher:
         )
         self._amp_skips = []
         ctx = self.context(step=max(last, 0))
-        return self.pipeline.interval(window, self.model_info, ctx, self.console, final=final)
+        return self.pipeline.interval(window, self.model_info, ctx, self.console, final=final, request=request)
 
     def _guard(self, fn: Callable[[], Any]) -> Any:
         """Run gradwatch's own work so that its failure never stops the user's training."""
@@ -461,6 +561,18 @@ class Watcher:
                 stacklevel=3,
             )
             return None
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside gradwatch and torch (the user's call
+    of the model, for a warning raised from a module hook)."""
+    import sys
+
+    ours = (os.path.dirname(__file__), os.path.dirname(torch.__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(ours):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def watch(
@@ -501,7 +613,10 @@ def watch(
         print(gw.diagnoses)
     """
     config = WatchConfig.from_options(options, door="watch()", door_names=("console", "scaler"))
-    return Watcher(model, optimizer, config=config, console=console, scaler=scaler).attach()
+    watcher = Watcher(model, optimizer, config=config, console=console, scaler=scaler)
+    if not watcher.optimizers:
+        watcher._stepless = 0  # the loop must call gw.step(): say so if it never does
+    return watcher.attach()
 
 
 watch.__doc__ = watch.__doc__.replace("{options}", WatchConfig.options_doc(indent=12))  # type: ignore[union-attr]

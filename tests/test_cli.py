@@ -40,8 +40,11 @@ def run(tmp_path_factory) -> tuple[Path, str, gradwatch.Watcher]:
     return path, console.file.getvalue(), gw
 
 
-def _final_block(text: str) -> str:
-    return text[text.rindex("gradwatch - gradient flow - step") :]
+def _final_table(text: str) -> list[str]:
+    """The last flow table of ``text``: its title, rows, the line under it and the actions line."""
+    lines = text[text.rindex("gradwatch - gradient flow - step") :].splitlines()
+    end = next(i for i, line in enumerate(lines) if line.startswith(("means of", "values of")))
+    return lines[: end + 2]
 
 
 def test_report_reprints_the_final_report(run):
@@ -50,12 +53,14 @@ def test_report_reprints_the_final_report(run):
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     out = result.stdout
-    # The same report as the watch printed at its end, rebuilt from the log alone.
-    assert out == _final_block(printed)
-    assert "step 44 (final)" in out
+    # The same table as the watch printed at its end, rebuilt from the log alone; then every
+    # diagnosis in full once (the log's reader saw none of the run's own reports) and the summary.
+    assert _final_table(out) == _final_table(printed)
+    assert "steps 40-44 (final)" in out and "means of 5 statistics steps (40-44)" in out
+    assert "summary: " in out and f"full report: gradwatch report {path} --all" in out
     summary = read_log(path).summary()
     for layer in gw.model_info.layers:
-        row = next(line for line in out.splitlines() if line.startswith(f"|{layer.name} "))
+        row = next(line for line in out.splitlines() if line.startswith(f"{layer.name} "))
         mine = next(r for r in summary if r.name == layer.name)
         assert f" {fmt(mine.grad_norm)} " in row and f" {fmt(mine.grad_rms)} " in row
     # The last interval (steps 40-44, stats every step): the table's norms are their means.
@@ -64,7 +69,7 @@ def test_report_reprints_the_final_report(run):
     assert summary[0].grad_norm == pytest.approx(sum(first_layer) / len(first_layer), rel=1e-5)
     assert gw.diagnoses, "expected the built-in plugins to diagnose a deep sigmoid MLP"
     for diagnosis in gw.diagnoses:
-        assert f"{diagnosis.severity.value.upper()} {diagnosis.kind} since step {diagnosis.step}" in out
+        assert f"+- {diagnosis.severity.value.upper()} {diagnosis.kind} since step {diagnosis.step}" in out
         for remedy in diagnosis.remedies:
             assert remedy.title.split()[0] in out
     clips = [a for a in gw.actions if a.kind == "clip"]
@@ -86,7 +91,7 @@ def test_report_and_plot_load_no_plugin(run, tmp_path):
     )
     result = gradwatch_cli("report", str(path), "--width", "100", code=code)
     assert result.returncode == 0, result.stderr
-    assert "step 44 (final)" in result.stdout
+    assert "steps 40-44 (final)" in result.stdout
     assert result.stdout.splitlines()[-1] == "plugins: []"
 
 
@@ -99,7 +104,7 @@ def test_report_options_and_unfinished_run(run, tmp_path):
     cut.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:25])  # the end record cut mid-write
     result = gradwatch_cli("report", str(cut), "--width", "100")
     assert result.returncode == 2  # what is whole is shown, and the damage is an error
-    assert "the run did not finish" in result.stdout and "gradient flow - step 44" in result.stdout
+    assert "the run did not finish" in result.stdout and "gradient flow - steps 40-44" in result.stdout
     assert result.stderr.count("\n") == 1
     assert f"cut.jsonl:{len(lines)}: the last line was cut mid-write" in result.stderr
 
@@ -209,3 +214,44 @@ def test_plot_log_without_statistics(tmp_path):
     path.write_text(json.dumps(HEADER) + "\n")
     result = _in_process("plot", str(path), "-o", str(tmp_path / "x.png"))
     assert result.returncode == 2 and "holds no gradient statistics yet" in result.stderr
+
+
+# ---------------------------------------------------------------------- issue 14
+
+
+def test_help_version_and_argument_errors_import_no_torch():
+    """`gradwatch --help` and friends start without torch (seconds saved on every call)."""
+    code = (
+        "import sys, contextlib, io\n"
+        "from gradwatch.cli import main\n"
+        "for args in (['--help'], ['--version'], ['report', '--help'], ['plot'], ['report', 'a', '--width', 'x'], ['nope']):\n"
+        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+        "        try:\n"
+        "            main(args)\n"
+        "        except SystemExit as exit_:\n"
+        "            assert exit_.code == (0 if '--help' in args or '--version' in args else 2), (args, exit_.code)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'rich', 'pluggy', 'matplotlib')))\n"
+    )
+    result = gradwatch_cli(code=code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_report_on_a_header_only_log_says_so_and_exits_2(tmp_path):
+    path = tmp_path / "run.jsonl"
+    path.write_text(json.dumps(HEADER) + "\n")
+    result = _in_process("report", str(path))
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"gradwatch: error: {path}: the run log holds no report interval yet (only its header)")
+
+
+def test_plot_to_an_unknown_format_names_the_formats_that_work(run, tmp_path):
+    path, _, _ = run
+    result = _in_process("plot", str(path), "-o", str(tmp_path / "x.xyz"))
+    assert result.returncode == 2 and result.stdout == "" and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"gradwatch: error: {tmp_path / 'x.xyz'}: cannot write .xyz images")
+    assert ".png, .svg, .pdf" in result.stderr and not (tmp_path / "x.xyz").exists()
+    no_suffix = _in_process("plot", str(path), "-o", str(tmp_path / "flow"))
+    assert no_suffix.returncode == 0 and no_suffix.stdout.strip() == f"wrote {tmp_path / 'flow.png'}"
+    assert (tmp_path / "flow.png").exists()

@@ -10,8 +10,20 @@ import pytest
 EXAMPLES = Path(__file__).parents[1] / "examples"
 
 
-def test_quickstart_reports_vanishing(tmp_path, monkeypatch) -> None:
+#: Lines the quickstart printed before issue 14 (80 columns, piped): the report of step 49
+#: again in full at the end, and the same Xavier snippet twice in one report.
+QUICKSTART_LINES_BEFORE = 347
+
+
+def test_quickstart_reports_vanishing_in_under_a_third_of_the_lines(tmp_path, monkeypatch) -> None:
+    import io
+
+    import rich
+    from rich.console import Console
+
     monkeypatch.chdir(tmp_path)
+    out = Console(file=io.StringIO(), width=80)  # what `python examples/quickstart.py | cat` gets
+    monkeypatch.setattr(rich, "_console", out)
     module = runpy.run_path(str(EXAMPLES / "quickstart.py"))
     gw = module["main"](str(tmp_path / "run.jsonl"))
     kinds = {d.kind for d in gw.diagnoses}
@@ -19,6 +31,16 @@ def test_quickstart_reports_vanishing(tmp_path, monkeypatch) -> None:
     vanishing = next(d for d in gw.diagnoses if d.kind == "vanishing")
     assert {"relu", "normalization", "residual"} <= {r.kind for r in vanishing.remedies}
     assert (tmp_path / "run.jsonl").stat().st_size > 0
+    text = out.file.getvalue()
+    flat = " ".join(" ".join(line.strip().strip("|").split()) for line in text.splitlines())  # panel borders out
+    assert len(text.splitlines()) < QUICKSTART_LINES_BEFORE / 3, text
+    # Nothing a reader needs is lost: each diagnosis in full once, every remedy by title,
+    # the final table, the summary, and where the full report is.
+    for d in gw.diagnoses:
+        assert sum(line.startswith(f"+- {d.severity.value.upper()} {d.kind} since step") for line in text.splitlines()) == 1
+        assert all(" ".join(r.title.split()) in flat for r in d.remedies)
+    assert "steps 50-99 (final)" in text and "summary: " in text
+    assert f"full report: gradwatch report {tmp_path / 'run.jsonl'} --all" in flat
 
 
 @pytest.mark.slow

@@ -294,12 +294,38 @@ def test_diagnosis_counts_are_logged_by_kind(tmp_path: Path) -> None:
     rows = read_csv(logger)
     # Intervals are drained at steps 2 and 4 (when step 1 and 3 close): the count rises then.
     counts = column(rows, "grad/diagnoses/flagged")
-    assert counts == {2: 1.0, 3: 1.0, 4: 2.0, 5: 2.0}
+    # ... and once more at the end of fit, after the final report diagnosed the last interval.
+    assert counts == {2: 1.0, 3: 1.0, 4: 2.0, 5: 2.0, 6: 3.0}
     assert [d.kind for d in cb.diagnoses] == ["flagged"] * 3  # and the final interval
     # log_layers=1: the largest layer norm of each step, under its own name.
     for step, r in enumerate(ref.per_layer[0]):
         top = max(r, key=r.get)
         assert float(rows[[int(x["step"]) for x in rows].index(step)][f"grad/norm/{top}"]) == pytest.approx(r[top], rel=1e-5)
+
+
+class Late:
+    """Inline plugin: one diagnosis, in the final (partial) report interval only."""
+
+    gradwatch_name = "late"
+
+    @hookimpl
+    def gradwatch_diagnose(self, window):
+        if window.final and len(window):
+            return [Diagnosis(kind="late", severity=Severity.WARNING, step=int(window.steps[0]), message="late", source="late")]
+        return None
+
+
+def test_short_fit_logs_the_diagnoses_of_its_last_partial_interval(tmp_path: Path) -> None:
+    """Defaults (report_every=100, log_every_n_steps=50): a 120-step fit logs norms at steps
+    49 and 99; the diagnosis of steps 100-119 reaches the logger at the end of fit (issue 14)."""
+    cb = gradwatch.GradWatch(report=False, plugins=[Late()])
+    logger = CSVLogger(tmp_path, name="csv")
+    trainer(tmp_path, [cb], max_steps=120, logger=logger).fit(Regressor(), loader())
+    rows = read_csv(logger)
+    assert sorted(column(rows, "grad/norm_total")) == [49, 99]
+    assert column(rows, "grad/diagnoses/late") == {120: 1.0}
+    assert column(rows, "grad/clips") == {49: 0.0, 99: 0.0, 120: 0.0}
+    assert [d.kind for d in cb.diagnoses] == ["late"] and cb.diagnoses[0].step == 100
 
 
 # ---------------------------------------------------------------------- modes

@@ -48,7 +48,7 @@ def test_headline_and_panel_cut_long_snippets():
     d = Diagnosis(kind="vanishing", severity=Severity.WARNING, step=5, layers=layers, message="m", remedies=(remedy,))
     assert headline(d).plain == "WARNING vanishing since step 5 in l0, l1, l2, l3, l4, l5 and 2 more: m"
     text = _text(diagnosis_panel(d, plain=True, max_lines=4))
-    assert "line2" in text and "line3" not in text and "# ... 17 more lines (show_all=True prints them)" in text
+    assert "line2" in text and "line3" not in text and "# ... 17 more lines: show_all=True" in text
     assert "1. Do it" in text and "because" in text and not set(text) & set("─│╭╮╰╯")
     assert "line19" in _text(diagnosis_panel(d, plain=True, max_lines=100))
 
