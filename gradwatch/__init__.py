@@ -31,6 +31,7 @@ from gradwatch.watch import Watcher, watch
 
 if TYPE_CHECKING:
     from gradwatch.lightning import GradWatch
+    from gradwatch.trial import Trial, Trials
 
 __all__ = [
     "AGC",
@@ -53,6 +54,8 @@ __all__ = [
     "StashKey",
     "StatsWindow",
     "StepContext",
+    "Trial",
+    "Trials",
     "WatchConfig",
     "Watcher",
     "hookimpl",
@@ -63,6 +66,10 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
+    if name in ("Trial", "Trials"):  # lazily: a trial is rare, and import time counts
+        import gradwatch.trial
+
+        return getattr(gradwatch.trial, name)
     if name == "GradWatch":
         from gradwatch.lightning import GradWatch
 
