@@ -27,8 +27,9 @@ parameter of at least 2 dimensions (embeddings excepted), ordered as it first ru
 Verdicts, against the untouched copy (the thresholds are the module constants):
 
 * finiteness decides first: a copy that stays finite where the untouched one does not
-  *helps*; one that goes non-finite where the untouched one does not *hurts*; both
-  non-finite is *no effect*;
+  *helps* (unless its own loss rises by :data:`LOSS_CHANGE` or more over the trial: then
+  it only diverges more slowly, *no effect*); one that goes non-finite where the
+  untouched one does not *hurts*; both non-finite is *no effect*;
 * else the measure of the diagnosed fault (``metric``: first/last gradient ratio for
   vanishing, time-gradient ratio for a recurrence, backprop signal for an init scale,
   growth of the total norm for exploding and non-finite gradients, dead fraction for
@@ -37,7 +38,8 @@ Verdicts, against the untouched copy (the thresholds are the module constants):
   counts as one decade), or the loss after must be at least :data:`LOSS_CHANGE` lower
   (relative) than the untouched copy's. Better on one and worse on none *helps*;
   worse on one and better on none *hurts*; when they disagree, the diagnosed measure
-  decides; neither is *no effect*.
+  decides, unless the copy's own loss rises over the trial (it diverges: *hurts*, a
+  residual stack trained too fast, say); neither is *no effect*.
 
 Trials are ranked by verdict, then by the decades gained, then by the loss. A gated
 recurrent cell put in by ``lstm_gru`` is also tried without its gate bias (PyTorch's
@@ -71,6 +73,7 @@ import contextlib
 import copy
 import inspect
 import itertools
+import json
 import math
 import random
 import statistics
@@ -624,7 +627,7 @@ def _candidates(
     suggested: dict[tuple[str, str, str], tuple[Remedy, list[Diagnosis]]] = {}
     for d in diagnoses:
         for r in d.remedies:
-            key = (r.kind, r.title, r.snippet)
+            key = _identity(r)
             if key in suggested:
                 suggested[key][1].append(d)
             else:
@@ -638,7 +641,7 @@ def _candidates(
     chosen: list[tuple[Remedy, tuple[Diagnosis, ...]]] = []
     for item in remedies:
         if isinstance(item, Remedy):
-            found = suggested.get((item.kind, item.title, item.snippet))
+            found = suggested.get(_identity(item))
             chosen.append((item, tuple(found[1]) if found else ()))
         elif isinstance(item, str):
             matches = [(r, tuple(ds)) for r, ds in suggested.values() if r.kind == item]
@@ -652,6 +655,12 @@ def _candidates(
         else:
             raise GradWatchError(f"trial(remedies=...) takes Remedy objects or remedy kinds (str), got {type(item).__name__}")
     return chosen
+
+
+def _identity(remedy: Remedy) -> tuple[str, str, str]:
+    """What makes two suggested remedies the same change: kind, title and params (the
+    snippet's comments may quote each diagnosis's own numbers)."""
+    return remedy.kind, remedy.title, json.dumps(_jsonable(remedy.params), sort_keys=True)
 
 
 def _metric(remedy: Remedy, diagnoses: Sequence[Diagnosis]) -> str:
@@ -718,6 +727,7 @@ def _train(
     for p in twin.parameters():
         p.grad = None
     probe = None
+    stage = "preparing the copy"
     try:
         _seed(seed, cuda)
         max_norm = lr_factor = None
@@ -726,6 +736,7 @@ def _train(
             if why:
                 run.error = why
                 return run
+        stage = "rebuilding the optimizer"
         opts = _fresh_optimizers(optimizers, mapping, twin, lr_factor)
         del mapping
         device = _device(twin)
@@ -733,21 +744,14 @@ def _train(
         probe = _Probe(twin)
         _seed(seed, cuda)  # every copy trains on the same random stream (dropout)
         for step in range(steps):
+            stage = f"step {step}"
             probe.start(step)
             for p in twin.parameters():
                 p.grad = None
-            try:
-                loss = compute(twin, _map(batches[step % len(batches)], lambda t: _fresh(t, device)))
-                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                    raise _BadInput(f"the loss must be a one-element tensor, got {type(loss).__name__}")
-                loss.backward()
-            except _BadInput as exc:
-                run.error = str(exc)
-                return run
-            except Exception as exc:
-                where = "" if remedy is None else "the repaired copy: "
-                run.error = f"{where}step {step} raised {type(exc).__name__}: {exc}"
-                return run
+            loss = compute(twin, _map(batches[step % len(batches)], lambda t: _fresh(t, device)))
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise _BadInput(f"the loss must be a one-element tensor, got {type(loss).__name__}")
+            loss.backward()
             record = probe.read(loss.detach())
             run.records.append(record)
             if not _finite(record):
@@ -757,6 +761,13 @@ def _train(
                 nn.utils.clip_grad_norm_([p for p in twin.parameters() if p.grad is not None], max_norm)
             for opt in opts:
                 opt.step()
+        return run
+    except _BadInput as exc:
+        run.error = str(exc)
+        return run
+    except Exception as exc:
+        # The user's forward, loss or optimizer (or a remedy that broke them) failed on the copy.
+        run.error = f"{'' if remedy is None else 'the repaired copy: '}{stage} raised {type(exc).__name__}: {exc}"
         return run
     finally:
         if probe is not None:
@@ -1312,7 +1323,7 @@ def _table(trials: Trials, console: Console | None) -> Table:
     table = Table(
         title=(
             f"gradwatch trial {dot} each remedy on a copy of the model, {trials.steps} steps on {trials.source} "
-            f"({trials.batches} distinct), seed {trials.seed}, {trials.seconds:.1f} s"
+            f"({trials.batches} distinct), seed {trials.seed}"
         ),
         title_justify="left",
         box=box.ASCII if plain else box.SIMPLE_HEAD,

@@ -502,3 +502,77 @@ def test_lightning_trial_true_in_a_real_trainer(tmp_path):
     assert "gradwatch trial" in text and "relu" in text
     with pytest.raises(GradWatchError, match="trial takes True or False"):
         gradwatch.GradWatch(trial="yes")
+
+
+DDP_SCRIPT = '''
+import json, sys
+from pathlib import Path
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+import gradwatch
+from gradwatch.testing import sigmoid_mlp
+
+
+class Sigmoid(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = sigmoid_mlp(depth=20)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+class Dump(pl.Callback):
+    def teardown(self, trainer, pl_module, stage):
+        gw = next(c for c in trainer.callbacks if isinstance(c, gradwatch.GradWatch))
+        (out / f"rank{trainer.global_rank}.json").write_text(json.dumps({
+            "trials": None if gw.trials is None else [t.name for t in gw.trials],
+            "relu": None if gw.trials is None else gw.trials.of_kind("relu")[0].verdict,
+            "params": [p.detach().flatten()[:8].tolist() for p in pl_module.parameters()],
+        }))
+
+
+out = Path(sys.argv[1])
+g = torch.Generator().manual_seed(0)
+x = torch.randn(640, 16, generator=g)
+data = TensorDataset(x, x @ torch.randn(16, 1, generator=g) / 4)
+trainer = pl.Trainer(
+    strategy="ddp", accelerator="cpu", devices=2, max_steps=40, callbacks=[gradwatch.GradWatch(trial=True), Dump()],
+    logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=out,
+)
+trainer.fit(Sigmoid(), DataLoader(data, batch_size=8, shuffle=False))
+'''
+
+
+@pytest.mark.slow
+def test_lightning_trial_runs_on_rank_zero_only_under_ddp(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "trial_ddp.py"
+    script.write_text(DDP_SCRIPT)
+    run = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=420, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["trials"] and ranks[0]["relu"] == HELPS
+    assert ranks[1]["trials"] is None
+    # The trial on rank zero left its live module as DDP left it: the same weights as rank one's.
+    assert ranks[0]["params"] == ranks[1]["params"]
+    assert run.stdout.count("gradwatch trial") == 1
+
+
+@pytest.mark.requires_cuda
+def test_trial_on_cuda_restores_the_device_rng_and_moves_cpu_batches():
+    model = sigmoid_mlp(depth=20).cuda()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    gw, _ = watched(model, 40, optimizer=opt, batches=((x.cuda(), y.cuda()) for x, y in regression_batches()))
+    cpu, cuda = torch.get_rng_state(), torch.cuda.get_rng_state()
+    trials = gw.trial(mse, regression_batches(seed=1))  # CPU batches: moved to the model's device
+    assert torch.equal(torch.get_rng_state(), cpu) and torch.equal(torch.cuda.get_rng_state(), cuda)
+    assert trials.of_kind("relu")[0].verdict == HELPS
