@@ -504,7 +504,7 @@ def test_lightning_trial_true_in_a_real_trainer(tmp_path):
         gradwatch.GradWatch(trial="yes")
 
 
-DDP_SCRIPT = '''
+DDP_SCRIPT = """
 import json, sys
 from pathlib import Path
 import pytorch_lightning as pl
@@ -547,7 +547,7 @@ trainer = pl.Trainer(
     logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=out,
 )
 trainer.fit(Sigmoid(), DataLoader(data, batch_size=8, shuffle=False))
-'''
+"""
 
 
 @pytest.mark.slow
