@@ -908,8 +908,12 @@ class _Probe:
         self.order: list[nn.Module] = []
         self.handles: dict[int, Any] = {}
         self.extra: list[Any] = []
+        self.ordering: list[Any] = []
         for module in model.modules():
             if _is_weight_layer(module):
+                # Order from pre-hooks (the order layers start, as the watcher records it),
+                # outputs from forward hooks (which run inner modules first).
+                self.ordering.append(module.register_forward_pre_hook(self._layer_in))
                 self.handles[id(module)] = module.register_forward_hook(self._layer_out)
         self.rnn: nn.Module | None = None
         for module in model.modules():
@@ -930,6 +934,10 @@ class _Probe:
     def start(self, step: int) -> None:
         self.step = step
         self._reset()
+        if step == 1:
+            for handle in self.ordering:
+                handle.remove()
+            self.ordering = []
         if step == 1 and len(self.order) >= 1:
             # Only the first and last weight layers are needed from now on.
             keep = {id(self.order[0]), id(self.order[-1])}
@@ -937,13 +945,15 @@ class _Probe:
                 self.handles.pop(key).remove()
 
     def remove(self) -> None:
-        for handle in (*self.handles.values(), *self.extra):
+        for handle in (*self.handles.values(), *self.extra, *self.ordering):
             handle.remove()
-        self.handles, self.extra = {}, []
+        self.handles, self.extra, self.ordering = {}, [], []
 
-    def _layer_out(self, module: nn.Module, args: Any, output: Any) -> None:
+    def _layer_in(self, module: nn.Module, args: Any) -> None:
         if self.step == 0 and all(m is not module for m in self.order):
             self.order.append(module)
+
+    def _layer_out(self, module: nn.Module, args: Any, output: Any) -> None:
         out = _first_tensor(output)
         if out is not None and out.requires_grad:
             key = id(module)

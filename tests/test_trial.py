@@ -207,8 +207,42 @@ def test_far_too_high_learning_rate_lower_lr_and_clipping_stay_finite():
     factor = lower.remedy.params["lr_factor"]
     # The lower learning rate in plain torch: the same copy, SGD at lr 0.5 * factor.
     batches = list(itertools.islice(regression_batches(seed=1), 20))
-    _, losses = plain_run(model, torch.optim.SGD, {"lr": 0.5 * factor}, batches, 20, lambda m: 0.0)
+    total = lambda m: torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in m.parameters()]))  # noqa: E731
+    norms, losses = plain_run(model, torch.optim.SGD, {"lr": 0.5 * factor}, batches, 20, total)
     assert list(lower.losses) == pytest.approx(losses, rel=1e-5)
+    assert lower.growth == pytest.approx(max(norms) / norms[0], rel=1e-5)
+    assert lower.after.total_norm == pytest.approx(statistics.median(tail(norms)), rel=1e-5)
+
+
+def test_dead_units_are_measured_as_plain_torch_counts_them_and_leaky_relu_revives_them():
+    from gradwatch import Diagnosis, Severity
+    from gradwatch.trial import run_trial
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+    with torch.no_grad():
+        model[2].bias[:48] = -20.0  # 48 of the second layer's 64 units never fire
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+
+    def leaky(twin):
+        for i in (1, 3):
+            twin[i] = nn.LeakyReLU(0.01)
+        return twin
+
+    remedy = Remedy(kind="leaky_relu", title="Replace the ReLUs with LeakyReLU(0.01)", rationale="test", apply=leaky)
+    dead = Diagnosis(kind="dead_units", severity=Severity.WARNING, step=0, layers=("3",), message="dead", remedies=(remedy,))
+    batches = list(itertools.islice(regression_batches(seed=1), 5))
+    trials = run_trial(model, [opt], [dead], batches, loss_fn=mse, steps=5)
+    (trial,) = trials
+    assert trial.metric == "dead_fraction" and trial.verdict == HELPS, trial.reason
+    x, _ = batches[0]
+    with torch.no_grad():
+        h1 = model[1](model[0](x))
+        h2 = model[3](model[2](h1))
+    expected = (int((h1 == 0).all(0).sum()) + int((h2 == 0).all(0).sum())) / 128
+    assert expected >= 48 / 128
+    assert trials.baseline.before.dead_fraction == pytest.approx(expected)
+    assert trial.before.dead_fraction is None  # no ReLU left in the copy: counted as none dead
 
 
 # ---------------------------------------------------------------------- the live state, untouched
