@@ -50,8 +50,11 @@ optimizer and its state, and the global RNG state (torch CPU and CUDA, Python's
 ``random``, numpy's when numpy is imported) are bitwise the same after a trial. User
 hooks (not gradwatch's) are deep-copied with the model and run on the copies. Each
 copy is freed before the next is made, so a trial holds one copy of the model and its
-optimizer state at a time. The copies train in the model's dtype, one batch per step,
-without autocast, gradient accumulation or a framework's clipping.
+optimizer state at a time. The copies are of the unwrapped module (no DDP or
+``torch.compile`` wrapper: they run eagerly, in this process) and train in the model's
+dtype, one batch per step, in train mode, without autocast, gradient accumulation or a
+framework's clipping. ``copy.deepcopy`` copies what the module references too (a module
+that holds its dataset copies it).
 
 Batches: ``batches=`` (an iterable of ``(inputs, target)`` pairs, keyword dicts or
 tensors; the first ``steps`` are taken and cycled when fewer), or the last
