@@ -414,7 +414,7 @@ def _as_batch(item: Any) -> _Batch:
         if isinstance(inputs, (tuple, list)):
             return _Batch(tuple(inputs), {}, target)
         return _Batch((inputs,), {}, target)
-    raise GradWatchError(
+    raise _BadInput(
         f"trial batches must be (inputs, target) pairs, dicts of forward keyword arguments or tensors; got "
         f"{type(item).__name__}{f' of length {len(item)}' if isinstance(item, (tuple, list)) else ''}"
     )
@@ -561,7 +561,8 @@ def run_trial(
         return Trials(
             steps=steps,
             seed=seed,
-            note="nothing to try: no warning or error diagnosis has a remedy",
+            note="nothing to try: "
+            + ("no remedy given" if remedies is not None else "no warning or error diagnosis has a remedy"),
             seconds=time.perf_counter() - started,
         )
     params = list(model.parameters())
