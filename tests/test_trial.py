@@ -449,7 +449,7 @@ def test_hugging_face_model_uses_its_own_loss_on_kept_batches_with_labels():
     assert "labels" in kept.kwargs
     twin = copy.deepcopy(model).train()
     torch.manual_seed(0)
-    assert trials.baseline.before.loss == pytest.approx(float(twin(**kept.kwargs).loss), rel=1e-5)
+    assert trials.baseline.before.loss == pytest.approx(float(twin(**kept.kwargs).loss.detach()), rel=1e-5)
 
 
 # ---------------------------------------------------------------------- output
