@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from gradwatch.lightning import GradWatch
     from gradwatch.stash import Stash, StashKey
     from gradwatch.stats import GradBatch
+    from gradwatch.trial import Trial, Trials
     from gradwatch.types import (
         Action,
         Diagnosis,
@@ -60,6 +61,8 @@ __all__ = [
     "StashKey",
     "StatsWindow",
     "StepContext",
+    "Trial",
+    "Trials",
     "WatchConfig",
     "Watcher",
     "hookimpl",
@@ -93,6 +96,7 @@ _WHERE = {
         ),
         "gradwatch.types",
     ),
+    **dict.fromkeys(("Trial", "Trials"), "gradwatch.trial"),
     **dict.fromkeys(("Watcher", "watch"), "gradwatch.watch"),
 }
 

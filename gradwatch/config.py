@@ -77,6 +77,17 @@ class WatchConfig:
         factory=dict,
     )
     history_size: int = _option(10_000, doc="Rows of per-layer statistics kept on the host (``history``).")
+    keep_batches: int = _option(
+        0,
+        doc="Keep the last k batches the root module's forward was called with, for ``gw.trial()`` (0 keeps none): "
+        "references to its arguments, detached, not copied, so a loop that later writes into those tensors in place "
+        "changes what the trial sees (see ``keep_copies``); they stay on their device until the watcher is dropped.",
+    )
+    keep_copies: bool = _option(
+        False,
+        doc="Clone the kept batches (one copy of the inputs per forward) instead of keeping references, for loops "
+        "that reuse or mutate their input tensors in place.",
+    )
 
     def __post_init__(self) -> None:
         for name in ("report_every", "stats_every", "history_size"):
@@ -107,6 +118,10 @@ class WatchConfig:
         if disable is None or not all(isinstance(n, str) for n in disable):
             raise GradWatchError(f"disable takes plugin names (a list of strings, or one string), got {self.disable!r}")
         _set(self, "disable", disable)
+        if isinstance(self.keep_batches, bool) or not isinstance(self.keep_batches, int) or self.keep_batches < 0:
+            raise GradWatchError(f"keep_batches must be a number of batches (an int >= 0, e.g. 8), got {self.keep_batches!r}")
+        if not isinstance(self.keep_copies, bool):
+            raise GradWatchError(f"keep_copies takes True or False, got {self.keep_copies!r}")
         for name in ("strict", "autoload", "report"):
             if not isinstance(getattr(self, name), bool):
                 raise GradWatchError(f"{name} takes True or False, got {getattr(self, name)!r}")

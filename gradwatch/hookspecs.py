@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
     from gradwatch.config import WatchConfig
     from gradwatch.stats import GradBatch, History
+    from gradwatch.trial import Trials
     from gradwatch.types import Action, Diagnosis, ModelInfo, Remedy, Report, StatsWindow, StepContext
 
 __all__ = ["hookspec", "hookimpl", "PROJECT_NAME"]
@@ -189,6 +190,23 @@ def gradwatch_report(report: Report, console: Console, ctx: StepContext) -> None
     :returns: Nothing.
 
     Runs on rank zero only, once per report interval and at the end, on the host.
+    """
+
+
+@hookspec
+def gradwatch_trial(trials: Trials, ctx: StepContext) -> None:
+    """Show or store the result of a remedy trial (``gw.trial()``, ``GradWatch(trial=True)``).
+
+    :param trials: The trials, best first (:class:`gradwatch.trial.Trials`; the untouched
+        copy's numbers in ``trials.baseline``), or none, with ``trials.note`` saying why
+        nothing was tried. Host values only; the copies of the model are already freed.
+    :param ctx: The watcher's current step and the ``stash``. The watcher may be detached
+        already (a trial after the ``with`` block): what unconfigure closed (a file) must
+        be reopened to append.
+    :returns: Nothing.
+
+    Runs on rank zero only, on the host, once per trial, when the user calls it (never on
+    the per-step path).
     """
 
 

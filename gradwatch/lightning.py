@@ -35,6 +35,7 @@ from torch import nn
 from gradwatch._door import LogTap, capture_console, check_log_layers, count_metrics, log_metrics, print_text, take_text
 from gradwatch.config import WatchConfig
 from gradwatch.manager import plugin_manager
+from gradwatch.trial import DEFAULT_TRIAL_BATCHES, BatchKeeper, Trials, lightning_trial
 from gradwatch.types import Diagnosis, GradWatchError, GradWatchWarning
 from gradwatch.watch import Watcher
 
@@ -77,6 +78,16 @@ class GradWatchCallback:
             step); ``"aggregate"``: ``norm_min``, ``norm_max``, ``norm_mean`` over
             layers; ``"none"``; ``"auto"`` (default): all up to 32 layers, aggregates
             beyond.
+        trial: At the end of fit (``on_train_end``, after the final report), on rank zero
+            only, try each remedy of the run's warning and error diagnoses on a copy of the
+            module (:meth:`gradwatch.Watcher.trial`): each copy computes its loss with its own
+            ``training_step`` on the last ``keep_batches`` training batches (8 when
+            ``keep_batches`` is 0; references, kept on rank zero). The table is printed and
+            the result kept as ``callback.trials``. At the end, not at the first error: a
+            trial mid-run would hold the other ranks at their next collective for its
+            duration. It starts from the final weights, so after a non-finite step it says
+            that instead of measuring. Automatic optimisation and one optimizer only; not
+            run when fit ends with an exception.
         **options: The options every door takes (:class:`gradwatch.WatchConfig`);
             ``clip`` conflicts with ``Trainer(gradient_clip_val=...)``, and ``plugins``
             serve every optimizer's watcher (keep their state in ``ctx.stash``):
@@ -105,10 +116,15 @@ class GradWatchCallback:
         console: Console | None = None,
         log_metrics: bool = True,
         log_layers: str | int = "auto",
+        trial: bool = False,
         **options: Any,
     ) -> None:
         check_log_layers(log_layers)
-        self.config = WatchConfig.from_options(options, door="GradWatch()", door_names=("console", "log_metrics", "log_layers"))
+        if not isinstance(trial, bool):
+            raise GradWatchError(f"trial takes True or False, got {trial!r}")
+        self.config = WatchConfig.from_options(
+            options, door="GradWatch()", door_names=("console", "log_metrics", "log_layers", "trial")
+        )
         plugin_manager(self.config)  # the plugin set resolved now: bad names fail here, not at setup
         self.log_metrics = log_metrics
         self.log_layers = log_layers
@@ -123,6 +139,11 @@ class GradWatchCallback:
         self._progress_bar: Any = None
         self._stepped = False
         self._loss: torch.Tensor | None = None
+        self.trial = trial
+        self.trials: Trials | None = None
+        self._kept = (
+            BatchKeeper(self.config.keep_batches or DEFAULT_TRIAL_BATCHES, copies=self.config.keep_copies) if trial else None
+        )
 
     # ------------------------------------------------------------------ results
 
@@ -216,6 +237,23 @@ class GradWatchCallback:
             if self._loss is not None:
                 self.watchers[0].observe_loss(self._loss)
             self._loss = None
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        """With ``trial=True``: keep a reference to the batch (rank zero) for the trial."""
+        if self._kept is not None and trainer.is_global_zero:
+            self._kept.keep((batch, batch_idx))
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        """With ``trial=True``: the final report (every rank), then the trial on rank zero."""
+        if self._kept is None or not self.watchers:
+            return
+        self._detach_all(report=True)
+        if trainer.is_global_zero:
+            self.trials = lightning_trial(trainer, pl_module, self.watchers[0], self._kept)
+            if self.trials is not None and self.config.report:
+                self.trials.print(self.watchers[0].console)
+                self._flush(0, live=False)
+        self._kept.clear()
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         """Final report and hook removal; the watchers stay readable (``diagnoses``, ``state_dict``)."""

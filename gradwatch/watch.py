@@ -55,6 +55,8 @@ if TYPE_CHECKING:
     from rich.console import Console
     from torch.utils.hooks import RemovableHandle
 
+    from gradwatch.trial import BatchKeeper, Trials
+
 __all__ = ["Watcher", "watch"]
 
 # model -> {id(watcher): keys of the step sources it hooks}; weak so models die freely.
@@ -137,6 +139,12 @@ class Watcher:
         # when watch() got no optimizer (the loop must call gw.step()), None otherwise.
         self._stepless: int | None = None
         self.probes = Probes(self)
+        # keep_batches: the last forward calls of the root module, for trial(); kept after detach.
+        self.kept: BatchKeeper | None = None
+        if config.keep_batches:
+            from gradwatch.trial import BatchKeeper
+
+            self.kept = BatchKeeper(config.keep_batches, copies=config.keep_copies)
         self.pm = plugin_manager(config)
         self.host = PluginHost(self.pm, strict=config.strict)
         self.pipeline = Pipeline(self.host, self.model_info.names, config.history_size)
@@ -202,6 +210,8 @@ class Watcher:
         self._attached = True
         try:
             self._handles.append(self.outer.register_forward_pre_hook(Hook(self._on_forward)))
+            if self.kept is not None:
+                self._handles.append(self.outer.register_forward_pre_hook(Hook(self.kept), with_kwargs=True))
             for optimizer in self.optimizers:
                 self._handles.append(optimizer.register_step_pre_hook(Hook(self._on_optimizer_step)))
             self._handles.append(self.amp.watch(self.model_info.layers[0]))
@@ -363,6 +373,59 @@ class Watcher:
         }
         values.update(changes)
         return StepContext(**values)
+
+    def trial(
+        self,
+        loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+        batches: Iterable[Any] | None = None,
+        *,
+        steps: int | None = None,
+        remedies: Sequence[Remedy | str] | None = None,
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
+        seed: int = 0,
+        compute_loss: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    ) -> Trials:
+        """Measure each remedy of the diagnoses so far on a copy of the model, ranked.
+
+        Each copy (and an untouched one) trains ``steps`` steps on the same batches from the
+        model's current state; the model, optimizer, hooks and RNG state are never touched
+        (:mod:`gradwatch.trial` says what is measured and how the verdicts are given). Works
+        during and after the ``with`` block; the result goes to the ``gradwatch_trial`` hook
+        (the run log records it) on rank zero.
+
+        Args:
+            loss_fn: ``loss_fn(output, target)``; ``None`` uses the model's own loss (Hugging
+                Face models given ``labels``).
+            batches: ``(inputs, target)`` pairs (or keyword dicts); default: the batches
+                kept with ``keep_batches``.
+            steps: Training steps per copy (default 20).
+            remedies: ``Remedy`` objects or remedy kinds to try (default: every remedy of
+                the warning and error diagnoses).
+            optimizer: The optimizer whose class and hyper-parameters the copies use
+                (default: the watcher's).
+            seed: The seed each copy trains with.
+            compute_loss: ``compute_loss(copy, batch) -> loss`` instead of the forward and
+                ``loss_fn`` (the Lightning door passes the module's ``training_step``).
+
+        Returns:
+            The :class:`gradwatch.trial.Trials`, best first; ``.print()`` shows the table.
+
+        Example::
+
+            trials = gw.trial(loss_fn, batches=list(itertools.islice(loader, 8)))
+            trials.print()
+            trials.best.remedy.snippet
+        """
+        from gradwatch.trial import trial_of  # imported when used: most runs never try
+
+        trials = trial_of(
+            self, loss_fn=loss_fn, batches=batches, steps=steps, remedies=remedies, optimizer=optimizer, seed=seed,
+            compute_loss=compute_loss,
+        )  # fmt: skip
+        ctx = self.context()
+        if ctx.is_rank_zero:
+            self.host.call("gradwatch_trial", trials=trials, ctx=ctx)
+        return trials
 
     def state_dict(self) -> dict[str, Any]:
         """Step count, history, diagnoses and every plugin's state, for a checkpoint.

@@ -93,3 +93,23 @@ def gradwatch_unconfigure(ctx: StepContext) -> None:
     if state is not None and state.file is not None:
         state.file.close()
         state.file = None
+
+
+@hookimpl
+def gradwatch_trial(trials: Any, ctx: StepContext) -> None:
+    """A ``trial`` record: ``at`` (the watcher's step when the trial ran) and
+    ``Trials.to_dict()`` (steps, batches, source, seed, note, seconds, the untouched
+    copy as ``baseline``, and per trial: name, remedy, variant, diagnoses, metric,
+    before/after measures, growth, losses, nonfinite_step, flow_effect, loss_effect,
+    verdict, reason, seconds; non-finite numbers as the strings ``"nan"``/``"inf"``).
+    A trial after the watch ended is appended to the closed log (after its ``end``
+    record); readers skip the type."""
+    state = ctx.stash.get(KEY, None)
+    if state is None:
+        return
+    record = {"type": "trial", "at": ctx.step, **trials.to_dict()}
+    if state.file is not None:
+        state.write(record)
+        return
+    with open(state.path, "a", encoding="utf-8") as file:
+        file.write(logfile.encode(record))
