@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from gradwatch._door import LogTap, capture_console, check_log_layers, log_metrics, print_text, take_text
+from gradwatch._door import LogTap, capture_console, check_log_layers, log_metrics, pending_scale, print_text, take_text
 from gradwatch.config import WatchConfig
 from gradwatch.manager import plugin_manager
 from gradwatch.types import Diagnosis, GradWatchError, GradWatchWarning
@@ -159,6 +159,8 @@ class GradWatchCallback:
         self._detach_all(report=False)
         self._reset()
         optimizers = [getattr(o, "_optimizer", o) for o in trainer.optimizers]
+        for optimizer in optimizers:
+            pending_scale(_scaler(trainer), optimizer)  # refuses, before training, what it cannot read
         self._progress_bar = getattr(trainer, "progress_bar_callback", None)
         self._build(pl_module, optimizers)
         state = self._pending
@@ -180,7 +182,8 @@ class GradWatchCallback:
         watcher, tap = self.watchers[index], self._taps[index]
         tap.wanted = self.log_metrics and trainer.is_global_zero and bool(trainer.loggers) and _logs_now(trainer)
         tap.total = tap.layers = None
-        watcher.step()
+        raw = getattr(optimizer, "_optimizer", optimizer)
+        watcher.step(grad_scale=pending_scale(_scaler(trainer), raw))
         self._taken[index] += 1
         self._stepped = True
         self._flush(index)
@@ -355,6 +358,11 @@ class GradWatchCallback:
 
 
 GradWatchCallback.__doc__ = GradWatchCallback.__doc__.replace("{options}", WatchConfig.options_doc(indent=12))  # type: ignore[union-attr]
+
+
+def _scaler(trainer: Any) -> Any:
+    """The precision plugin's ``GradScaler`` (16-bit mixed precision), or ``None``."""
+    return getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
 
 
 def _logs_now(trainer: Any) -> bool:
