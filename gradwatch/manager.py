@@ -133,18 +133,27 @@ def as_plugin(plugin: object) -> tuple[str, object]:
         return wrapped.gradwatch_name, wrapped
     elif plugin is None or isinstance(plugin, (int, float, bool, bytes, list, tuple, dict, set)):
         raise GradWatchError(f"plugins=[{given!r}] is not a plugin; {_WHAT_TO_PASS}")
-    hooks = [name for name in dir(plugin) if name.startswith("gradwatch_") and name != "gradwatch_name"]
+    attributes = {name: _static(plugin, name) for name in dir(plugin)}
+    marked = [name for name, value in attributes.items() if getattr(value, _MARK, None) is not None]
     unmarked = [
-        name for name in hooks if callable(getattr(plugin, name, None)) and getattr(getattr(plugin, name), _MARK, None) is None
+        name
+        for name, value in attributes.items()
+        if name.startswith("gradwatch_") and name != "gradwatch_name" and callable(value) and name not in marked
     ]
     if unmarked:
         raise GradWatchError(
             f"plugin {plugin_name(plugin)!r}: {', '.join(unmarked)} {'is' if len(unmarked) == 1 else 'are'} not marked with "
             "@gradwatch.hookimpl, so it would never be called; decorate it (from gradwatch import hookimpl)"
         )
-    if not hooks:
+    if not marked:
         raise GradWatchError(f"plugins=[{plugin_name(plugin)}] implements no gradwatch_* hook; {_WHAT_TO_PASS}")
     return plugin_name(plugin), plugin
+
+
+def _static(plugin: object, name: str) -> Any:
+    """An attribute as stored, without running properties (as pluggy looks hooks up)."""
+    value = inspect.getattr_static(plugin, name, None)
+    return value.__func__ if isinstance(value, (staticmethod, classmethod)) else value
 
 
 def make_plugin_manager(

@@ -379,12 +379,13 @@ MIN_RING_ROWS = 16
 FIRST_RING_ROWS = 32
 
 
-def ring_rows(num_layers: int, wanted: int, max_bytes: int = RING_BYTES) -> int:
+def ring_rows(num_layers: int, wanted: int, max_bytes: int | None = None) -> int:
     """Rows per device ring: ``wanted`` (``report_every + 1``), bounded so that the core
     rows (``5·L + 1 + 2·L`` float32 values a row: the per-layer statistics, the total
     norm, the weight norm and the update ratio) fit in ``max_bytes``."""
     per_row = 4 * ((len(CORE_STATS) + 2) * num_layers + 1)
-    return max(1, min(wanted, max(MIN_RING_ROWS, max_bytes // per_row)))
+    budget = RING_BYTES if max_bytes is None else max_bytes
+    return max(1, min(wanted, max(MIN_RING_ROWS, budget // per_row)))
 
 
 class _Rows:
@@ -432,17 +433,17 @@ class StatsRing:
             more), bounded by :func:`ring_rows` to ``max_bytes`` of core rows; when a
             ring is :attr:`full`, the watcher ends the interval early.
         device: Where the rows live (the gradients' device).
-        max_bytes: The bound on the core rows' memory.
+        max_bytes: The bound on the core rows' memory (default :data:`RING_BYTES`).
     """
 
-    def __init__(self, num_layers: int, capacity: int, device: torch.device, max_bytes: int = RING_BYTES) -> None:
+    def __init__(self, num_layers: int, capacity: int, device: torch.device, max_bytes: int | None = None) -> None:
         self.num_layers = num_layers
         self.capacity = ring_rows(num_layers, capacity, max_bytes)
         self.device = device
-        self.core = _Rows(capacity, (len(CORE_STATS), num_layers), device)
-        self.total = _Rows(capacity, (), device)
-        self.weight = _Rows(capacity, (num_layers,), device)
-        self.update = _Rows(capacity, (num_layers,), device)
+        self.core = _Rows(self.capacity, (len(CORE_STATS), num_layers), device)
+        self.total = _Rows(self.capacity, (), device)
+        self.weight = _Rows(self.capacity, (num_layers,), device)
+        self.update = _Rows(self.capacity, (num_layers,), device)
         self.extras: dict[str, _Rows] = {}
 
     @property
