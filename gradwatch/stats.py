@@ -269,6 +269,11 @@ class GradBatch:
                 pairs = list(map(torch.aminmax, grads))
                 norms = torch.maximum(torch.stack(list(map(_MAX, pairs))), torch.stack(list(map(_MIN, pairs))).neg()).to(_F32)
             else:
+                if ord == math.inf and group.shard_group is not None:
+                    # A rank's shard of a small parameter may be empty (Linear(32, 1) over 2 ranks), and
+                    # the inf-norm of nothing is undefined: its max |g| is 0 here, the other ranks' after
+                    # the max-reduce. A Python pass, as DTensor's to_local already is.
+                    grads = [g if g.numel() else g.new_zeros(1) for g in grads]
                 # One foreach launch per device; float32 accumulation whatever the grad dtype.
                 norms = torch.stack(torch._foreach_norm(grads, ord, dtype=_F32))
             if group.shard_group is not None:

@@ -78,7 +78,9 @@ def gradwatch_attach(model: ModelInfo, ctx: StepContext) -> None:
     named = [(n, m.weight) for n, m in model.model.named_modules() if isinstance(m, anatomy.INIT_TYPES)]
     if named:
         with torch.no_grad():
-            stds = torch.stack([w.detach().float().std().cpu() for _, w in named]).tolist()
+            stds = torch.stack(
+                [(w.full_tensor() if hasattr(w, "full_tensor") else w).detach().float().std().cpu() for _, w in named]
+            ).tolist()
         ctx.stash[KEY].stds = dict(zip((n for n, _ in named), stds))
 
 
