@@ -375,15 +375,16 @@ class PluginHost:
     Each hook implementation is wrapped once: an exception is recorded and the
     implementation returns ``None`` (so the other plugins' results of the same call are
     kept and nobody runs twice); after the call the plugin is reported once and
-    unregistered. ``gradwatch_configure`` is not wrapped: its errors are the user's bad
-    options and must reach them.
+    unregistered. A :class:`GradWatchError` is never caught: in ``gradwatch_configure`` it
+    is the user's bad option, in the act stage a deliberate stop (``on_nonfinite="raise"``).
+    A return value its hook does not allow counts as a failure of that plugin.
 
     Args:
         pm: The plugin manager.
         strict: Re-raise a plugin's exception instead of switching the plugin off.
     """
 
-    _UNGUARDED = frozenset({"gradwatch_configure"})
+    _UNGUARDED: frozenset[str] = frozenset()
 
     def __init__(self, pm: pluggy.PluginManager, *, strict: bool = False) -> None:
         self.pm = pm
@@ -426,15 +427,20 @@ class PluginHost:
     def call(self, hook_name: str, **kwargs: Any) -> list[Any]:
         """Call ``hook_name`` and switch off every plugin that raised in it."""
         results = getattr(self.pm.hook, hook_name)(**kwargs)
+        self._switch_off_pending()
+        return results
+
+    def _switch_off_pending(self) -> None:
         while self._pending:
             name, failed_hook, exc = self._pending.pop(0)
             if name not in self.failed:
                 self.switch_off(name, failed_hook, exc)
-        return results
 
     def call_historic(self, hook_name: str, **kwargs: Any) -> None:
-        """Historic hooks (configure) are called once; their errors always propagate."""
+        """Call a historic hook (configure). A :class:`GradWatchError` (a bad option) reaches
+        the user; any other exception is a plugin bug: that plugin is switched off."""
         getattr(self.pm.hook, hook_name).call_historic(kwargs=kwargs)
+        self._switch_off_pending()
 
     def configure_again(self, **kwargs: Any) -> None:
         """Call the historic ``gradwatch_configure`` again (a re-attached watcher), so that
@@ -446,6 +452,7 @@ class PluginHost:
         if history is not None:
             history.clear()
         caller.call_historic(kwargs=kwargs)
+        self._switch_off_pending()
 
     def switch_off(self, name: str, hook_name: str, exc: BaseException) -> None:
         self.failed[name] = exc

@@ -120,6 +120,7 @@ class Watcher:
         self.probing = False
         self.probes = Probes(self)
         self._attaches = 0
+        self._warned_detached = False
         self._carried: dict[str, Any] | None = None  # plugin state kept from detach to the next attach
         self.pm = plugin_manager(config)
         self.host = PluginHost(self.pm, strict=config.strict)
@@ -291,6 +292,16 @@ class Watcher:
                 that was not asked to ``unscale_``): statistics and clipping divide it out
                 on device. ``None`` (the default): the gradients are unscaled.
         """
+        if not self._attached:
+            if not self._warned_detached:
+                self._warned_detached = True
+                warnings.warn(
+                    "gw.step() on a detached watcher (its `with` block ended, or detach() was called) does nothing; "
+                    "call gw.attach() to watch again",
+                    GradWatchWarning,
+                    stacklevel=2,
+                )
+            return
         self._guard(lambda: self._boundary(grad_scale))
 
     def observe_loss(self, loss: torch.Tensor) -> None:

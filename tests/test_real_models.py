@@ -112,7 +112,8 @@ MODELS: dict[str, Callable[[], tuple[nn.Module, Callable[[torch.Generator], dict
 
 def _hooks(model: nn.Module) -> int:
     return sum(
-        len(m._forward_pre_hooks) + len(m._forward_hooks) + len(m._backward_hooks) + len(m._backward_pre_hooks) for m in model.modules()
+        len(m._forward_pre_hooks) + len(m._forward_hooks) + len(m._backward_hooks) + len(m._backward_pre_hooks)
+        for m in model.modules()
     )
 
 
@@ -134,7 +135,9 @@ def _train(name: str, tmp_path, *, compile: bool = False):
                 loss.backward()
                 gw.observe_loss(loss)
                 with torch.no_grad():
-                    reference.append({id(p): float(p.grad.double().square().sum()) for p in model.parameters() if p.grad is not None})
+                    reference.append(
+                        {id(p): float(p.grad.double().square().sum()) for p in model.parameters() if p.grad is not None}
+                    )
                 opt.step()
                 opt.zero_grad()
     said = [str(w.message) for w in caught if issubclass(w.category, GradWatchWarning)]
