@@ -116,7 +116,7 @@ def gradwatch_diagnose(window: StatsWindow, model: ModelInfo, ctx: StepContext) 
             worst, worst_log = chain, log_gain
     if not off or worst is None:
         return None
-    depth_gain = math.exp(worst_log)
+    depth_gain = math.exp(worst_log) if worst_log < 709.0 else math.inf  # a chain of 130 layers ×1000 overflows exp
     severity = Severity.WARNING if abs(worst_log) >= math.log(state.depth_gain) else Severity.INFO
     scheme = Counter(s.scheme for s in off).most_common(1)[0][0]
     mean_gain = math.exp(sum(math.log(s.gain) for s in off) / len(off))
