@@ -257,7 +257,8 @@ class GradBatch:
             if group.sparse:
                 # A sparse gradient's norms are those of its values once duplicates are summed
                 # (coalesce): equal to the dense gradient's. A Python pass over these few tensors.
-                values = [g.coalesce().values() for g in grads]
+                # A tied or accumulated gradient of a sparse module may be dense: taken as it is.
+                values = [g.coalesce().values() if g.layout != torch.strided else g for g in grads]
                 if ord == math.inf:
                     norms = torch.stack([v.abs().amax().to(_F32) if v.numel() else v.new_zeros((), dtype=_F32) for v in values])
                 else:
