@@ -37,6 +37,7 @@ __all__ = [
     "check_log_layers",
     "count_metrics",
     "log_metrics",
+    "pending_scale",
     "print_text",
     "take_text",
 ]
@@ -123,6 +124,39 @@ def count_metrics(watcher: Watcher, *, prefix: str) -> dict[str, float]:
 
 def _key(name: str) -> str:
     return name or "(root)"
+
+
+def pending_scale(scaler: Any, optimizer: Any) -> torch.Tensor | None:
+    """The loss scale ``optimizer``'s gradients still carry, or ``None`` when they are unscaled.
+
+    Lightning's mixed precision (``MixedPrecision.optimizer_step``) calls
+    ``scaler.unscale_(optimizer)`` before ``on_before_optimizer_step`` only for optimizers
+    that do not unscale inside their own step; a fused optimizer (``fused=True``,
+    ``_step_supports_amp_scaling``) is handed the scale by ``GradScaler.step`` instead, so
+    its gradients are still scaled there (Lightning-AI/pytorch-lightning#21720). The
+    scaler's own per-optimizer stage says which case this is; the scale is returned as the
+    scaler's device tensor (no host read).
+
+    Raises:
+        GradWatchError: When the scaler is enabled, the optimizer unscales in its step, and
+            this torch's ``GradScaler`` does not show its stage and scale.
+    """
+    if scaler is None or not getattr(scaler, "is_enabled", lambda: False)():
+        return None
+    states = getattr(scaler, "_per_optimizer_states", None)
+    if not isinstance(states, dict) or not hasattr(scaler, "_scale"):
+        if getattr(optimizer, "_step_supports_amp_scaling", False):
+            raise GradWatchError(
+                f"{type(optimizer).__name__} unscales its gradients inside step() (fused=True) and this GradScaler does not "
+                "show whether it unscaled them yet, so gradwatch would read them ×loss scale; use fused=False, "
+                "or bf16 mixed precision (no scaler)"
+            )
+        return None
+    scale = scaler._scale  # None until the first scaler.scale(loss): nothing was scaled yet
+    stage = dict.get(states, id(optimizer), {}).get("stage")  # dict.get: never creates the scaler's entry
+    if not isinstance(scale, torch.Tensor) or (stage is not None and getattr(stage, "name", "") == "UNSCALED"):
+        return None
+    return scale
 
 
 def capture_console(buffer: io.StringIO) -> Console:

@@ -441,6 +441,21 @@ class LayerScale:
         return self.std / self.expected if self.expected > 0 else math.nan
 
 
+def _exp(x: float) -> float:
+    from gradwatch.kit import exp  # kit imports this module: resolved when first used
+
+    return exp(x)
+
+
+def weight_std(weight: torch.Tensor) -> float:
+    """The standard deviation of a weight, read on the host without a collective: for a
+    sharded (DTensor, FSDP2) weight, that of this rank's shard (advice runs on rank zero
+    only, so it must not issue a collective the other ranks do not; an evenly sharded
+    weight of i.i.d. entries has about the std of the whole)."""
+    local = weight.to_local() if hasattr(weight, "to_local") else weight
+    return float(local.detach().float().std()) if local.numel() > 1 else 0.0
+
+
 def _slope(model: nn.Module, where: str) -> float:
     try:
         module = model.get_submodule(where)
@@ -448,7 +463,8 @@ def _slope(model: nn.Module, where: str) -> float:
         return 0.01
     slope = getattr(module, "negative_slope", None)
     if slope is None and isinstance(module, nn.PReLU):
-        slope = float(module.weight.detach().mean())
+        weight = module.weight.to_local() if hasattr(module.weight, "to_local") else module.weight
+        slope = float(weight.detach().mean())
     return float(slope) if slope is not None else 0.01
 
 
@@ -480,7 +496,7 @@ def init_scales(model: nn.Module, anat: Anatomy, stds: dict[str, float] | None =
             scheme, expected = "kaiming", gain / math.sqrt(fan_in)
         else:
             scheme, expected = "xavier", gain * math.sqrt(2.0 / (fan_in + fan_out))
-        std = stds[name] if stds is not None and name in stds else float(weight.detach().float().std())
+        std = stds[name] if stds is not None and name in stds else weight_std(weight)
         out.append(LayerScale(name=name, std=std, expected=expected, scheme=scheme, activation=kind, slope=slope))
     return out
 
@@ -493,7 +509,7 @@ def _linear_gain(model: nn.Module, name: str, stds: dict[str, float] | None) -> 
     if not isinstance(module, INIT_TYPES):
         return 1.0
     fan_in, _ = nn.init._calculate_fan_in_and_fan_out(module.weight)
-    std = stds[name] if stds is not None and name in stds else float(module.weight.detach().float().std())
+    std = stds[name] if stds is not None and name in stds else weight_std(module.weight)
     return std * math.sqrt(fan_in) if std > 0 and fan_in > 0 else 1.0
 
 
@@ -576,10 +592,10 @@ def predict_signal(
         for name in chain:
             cumulative.append(cumulative[-1] + math.log(gains[name]))
         k = max(range(1, len(cumulative)), key=lambda i: abs(cumulative[i]))
-        return SignalPrediction(gain=math.exp(cumulative[k]), at=chain[k - 1], layers=tuple(chain[:k]), method="chain")
+        return SignalPrediction(gain=_exp(cumulative[k]), at=chain[k - 1], layers=tuple(chain[:k]), method="chain")
 
     def product(path: list[str]) -> float:
-        return math.exp(sum(math.log(gains.get(n) or _linear_gain(model, n, stds)) for n in path))
+        return _exp(sum(math.log(gains.get(n) or _linear_gain(model, n, stds)) for n in path))
 
     flow = anat.flow
     logs: list[float | None] = []
@@ -603,7 +619,7 @@ def predict_signal(
         elif node.kind == "add" and len(parents) == 2:
             # Variances add: log sqrt(e^2a + e^2b), computed without overflow.
             hi, lo = max(parents), min(parents)
-            value = hi + 0.5 * math.log1p(math.exp(2 * (lo - hi)))
+            value = hi + 0.5 * math.log1p(_exp(2 * (lo - hi)))
         else:
             value = max(parents)
         logs.append(value)
@@ -632,7 +648,7 @@ def predict_signal(
         for k, add, branch, skip in _sides(flow, anat.weight_layers)
         if k in upstream
     ]
-    return SignalPrediction(gain=math.exp(logs[at] or 0.0), at=worst, layers=layers, branches=tuple(branches))
+    return SignalPrediction(gain=_exp(logs[at] or 0.0), at=worst, layers=layers, branches=tuple(branches))
 
 
 def _sides(flow: tuple[FlowNode, ...], order: list[str]) -> list[tuple[int, str, tuple[str, ...], tuple[str, ...]]]:

@@ -75,8 +75,11 @@ class AutoClip:
 class ZClip:
     """ZClip (Kumar et al. 2025): z-score spike clipping on an EMA of the global norm.
 
-    The first ``warmup`` norms initialise the mean and (population) variance; no
-    adaptive clipping happens during warm-up. Afterwards, with ``σ = sqrt(var)`` and
+    The first ``warmup`` norms initialise the mean and (population) variance (the norms
+    before clipping); during warm-up no adaptive clipping happens, and the global norm is
+    clipped at ``warmup_max_norm`` instead, as the authors' package clips at its
+    ``max_grad_norm`` (1.0) then: without it a run diverging from its first steps goes
+    NaN before the statistics exist (issue 12). Afterwards, with ``σ = sqrt(var)`` and
     ``s = (g - μ) / (σ + eps)``, a step with ``s > z`` is clipped to the norm
     ``μ + z·σ / (s / z)`` (the authors' "adaptive_scaling": the larger the spike, the
     harder the clip), and the EMA is updated with the norm after clipping:
@@ -88,8 +91,11 @@ class ZClip:
         z: The z-score threshold (2.5).
         warmup: Steps whose norms initialise the statistics (25).
         eps: Added to ``σ`` in the z-score (1e-6).
-        max_norm: Optional fixed cap applied too (the package's ``max_grad_norm``;
-            its default 1.0 is not the paper's method, so ours is ``None``).
+        max_norm: Optional fixed cap applied at every step (the package's ``max_grad_norm``
+            applies after warm-up too; that is not the paper's method, so ours is ``None``).
+        warmup_max_norm: The global norm clipped to during warm-up (1.0, the package's
+            default ``max_grad_norm``); ``None`` lets warm-up steps through unclipped, as
+            the paper describes.
     """
 
     alpha: float = 0.97
@@ -97,6 +103,7 @@ class ZClip:
     warmup: int = 25
     eps: float = 1e-6
     max_norm: float | None = None
+    warmup_max_norm: float | None = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 < self.alpha < 1:
@@ -107,6 +114,8 @@ class ZClip:
             raise GradWatchError(f"ZClip warmup must be a positive number of steps, got {self.warmup!r}; the paper uses 25")
         if self.max_norm is not None:
             _positive("ZClip max_norm", self.max_norm)
+        if self.warmup_max_norm is not None:
+            _positive("ZClip warmup_max_norm", self.warmup_max_norm)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -120,18 +129,26 @@ class AGC:
         clipping: ``λ`` (0.01, the paper's value for its large batches; the paper
             raises it for small batches).
         eps: Floor on the parameter norm, so zero-initialised units can move (1e-3).
-        exclude: Qualified names of layers not clipped. ``None`` (the default)
-            excludes the last layer in forward order, the final classifier that the
-            paper does not clip; ``()`` clips every layer.
+        exclude: Qualified names of layers not clipped unit-wise. ``None`` (the
+            default) excludes the last layer in forward order, the final classifier that
+            the paper does not clip; ``()`` clips every layer.
+        exclude_max_norm: The excluded layers (and sparse gradients, whose units AGC
+            does not split) are clipped together by their global L2 norm at this value
+            (1.0), so that a run whose other layers are all clipped cannot diverge
+            through them alone (a tanh MLP at lr 10 did, issue 12); ``None`` leaves them
+            unclipped, as the paper does.
     """
 
     clipping: float = 0.01
     eps: float = 1e-3
     exclude: tuple[str, ...] | None = None
+    exclude_max_norm: float | None = 1.0
 
     def __post_init__(self) -> None:
         _positive("AGC clipping (lambda)", self.clipping)
         _positive("AGC eps", self.eps)
+        if self.exclude_max_norm is not None:
+            _positive("AGC exclude_max_norm", self.exclude_max_norm)
         if isinstance(self.exclude, str):
             raise GradWatchError(
                 f"AGC exclude takes a tuple of layer names, got the string {self.exclude!r}; use ({self.exclude!r},)"

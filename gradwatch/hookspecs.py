@@ -49,13 +49,17 @@ def gradwatch_configure(config: WatchConfig, ctx: StepContext) -> None:
 
     :param config: The watch's configuration; ``config.plugin_options(name)`` holds the
         options given for a plugin.
-    :param ctx: Step 0, rank, the configuration and the watch's ``stash``; the model's
-        layers are in ``named_modules()`` order (forward order is not known yet).
+    :param ctx: The step (0 at the first attach), rank, the configuration and the watch's
+        ``stash``; at the first configure the model's layers are in ``named_modules()``
+        order (forward order is not known yet).
     :returns: Nothing. Raise :class:`gradwatch.GradWatchError` for a bad option: it
         reaches the user before training starts, whatever ``strict`` says.
 
     Historic: a plugin registered after the watch was configured is called on
-    registration. Runs on every rank, once per watch, on the host.
+    registration. Runs on every rank, on the host, when the watch is made and again
+    before each later attach (a watcher attached again after ``detach()``), with a
+    fresh ``stash``: set up all per-attach state here; what must survive the detach is
+    given back through ``gradwatch_load_state_dict`` right after ``gradwatch_attach``.
     """
 
 
@@ -69,7 +73,8 @@ def gradwatch_attach(model: ModelInfo, ctx: StepContext) -> None:
         steps (the default) or for every forward (``sampled=False``).
     :returns: Nothing.
 
-    Runs on every rank, once per watch, on the host, when the watcher attaches.
+    Runs on every rank, on the host, each time the watcher attaches (after a
+    ``gradwatch_configure`` with a fresh ``stash`` when it attaches again).
     """
 
 
@@ -236,7 +241,9 @@ def gradwatch_load_state_dict(state: Mapping[str, Any], ctx: StepContext) -> Non
     :param ctx: The restored step and the ``stash``.
     :returns: Nothing.
 
-    Runs on every rank, on the host, when ``load_state_dict()`` is called.
+    Runs on every rank, on the host, when ``load_state_dict()`` is called, and when a
+    watcher attaches again after ``detach()``: then ``state`` is what the plugins returned
+    from ``gradwatch_state_dict`` at the detach.
     """
 
 
@@ -249,5 +256,6 @@ def gradwatch_unconfigure(config: WatchConfig, ctx: StepContext) -> None:
     :returns: Nothing. Module hooks registered through ``ctx.probes`` are removed by the
         host; a plugin removes nothing of those itself.
 
-    Runs on every rank, once per watch, on the host, at detach (also after an exception).
+    Runs on every rank, on the host, at every detach (also after an exception), after
+    ``gradwatch_state_dict`` was asked for the state a later attach gives back.
     """

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import io
+import os
 import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -32,7 +33,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from gradwatch._door import LogTap, capture_console, check_log_layers, count_metrics, log_metrics, print_text, take_text
+from gradwatch._door import (
+    LogTap,
+    capture_console,
+    check_log_layers,
+    count_metrics,
+    log_metrics,
+    pending_scale,
+    print_text,
+    take_text,
+)
 from gradwatch.config import WatchConfig
 from gradwatch.manager import plugin_manager
 from gradwatch.trial import DEFAULT_TRIAL_BATCHES, BatchKeeper, Trials, lightning_trial
@@ -144,13 +154,48 @@ class GradWatchCallback:
         self._kept = (
             BatchKeeper(self.config.keep_batches or DEFAULT_TRIAL_BATCHES, copies=self.config.keep_copies) if trial else None
         )
+        self._spawned = False  # pickled into processes (ddp_spawn): the results live there
+        self._spawn_warned = False
 
     # ------------------------------------------------------------------ results
 
     @property
     def diagnoses(self) -> list[Diagnosis]:
-        """Every diagnosis so far, of every optimizer's watcher, oldest first."""
+        """Every diagnosis so far, of every optimizer's watcher, oldest first.
+
+        Under ``strategy="ddp_spawn"`` the training ran in processes Lightning started, each
+        with its own copy of this callback, and the copy in the main process never saw a
+        step: there, after ``fit``, the diagnoses are read back from the run log that rank
+        zero wrote (``log="run.jsonl"``; its history is in the same file,
+        :func:`gradwatch.logfile.read_log`). Without ``log=`` they stayed in the spawned
+        processes, and this warns once and returns ``[]``.
+        """
+        if not self.watchers and self._spawned:
+            return self._spawned_diagnoses()
         return sorted((d for w in self.watchers for d in w.diagnoses), key=lambda d: d.step)
+
+    def _spawned_diagnoses(self) -> list[Diagnosis]:
+        log = self.config.log
+        if log is not None and os.path.isfile(log):
+            from gradwatch.logfile import RunLogError, read_log
+
+            try:
+                return sorted(read_log(log).diagnoses, key=lambda d: d.step)
+            except RunLogError as exc:
+                warnings.warn(
+                    f"GradWatch could not read the run log of the spawned processes: {exc}", GradWatchWarning, stacklevel=3
+                )
+                return []
+        if not self._spawn_warned:
+            self._spawn_warned = True
+            warnings.warn(
+                "GradWatch ran in the processes started by strategy='ddp_spawn'; its diagnoses and history stayed there "
+                "(this copy in the main process saw no step). Pass GradWatch(log='run.jsonl'): rank zero writes them "
+                "there, this property reads them back, and `gradwatch report run.jsonl` prints them",
+                GradWatchWarning,
+                stacklevel=3,
+            )
+        return []
 
     @property
     def state_key(self) -> str:
@@ -180,6 +225,8 @@ class GradWatchCallback:
         self._detach_all(report=False)
         self._reset()
         optimizers = [getattr(o, "_optimizer", o) for o in trainer.optimizers]
+        for optimizer in optimizers:
+            pending_scale(_scaler(trainer), optimizer)  # refuses, before training, what it cannot read
         self._progress_bar = getattr(trainer, "progress_bar_callback", None)
         self._build(pl_module, optimizers)
         state = self._pending
@@ -201,7 +248,8 @@ class GradWatchCallback:
         watcher, tap = self.watchers[index], self._taps[index]
         tap.wanted = self.log_metrics and trainer.is_global_zero and bool(trainer.loggers) and _logs_now(trainer)
         tap.total = tap.layers = None
-        watcher.step()
+        raw = getattr(optimizer, "_optimizer", optimizer)
+        watcher.step(grad_scale=pending_scale(_scaler(trainer), raw))
         self._taken[index] += 1
         self._stepped = True
         self._flush(index)
@@ -303,6 +351,8 @@ class GradWatchCallback:
     def __getstate__(self) -> dict[str, Any]:
         # ddp_spawn pickles the Trainer with its callbacks: consoles, plugin managers,
         # hook handles and the progress bar stay behind; each process builds its own.
+        # This object (the main process's) learns that its copies will do the training.
+        self._spawned = True
         state = self.__dict__.copy()
         state.update(
             watchers=[],
@@ -314,6 +364,7 @@ class GradWatchCallback:
             _progress_bar=None,
             _user_console=None,
             _loss=None,
+            _spawned=False,
         )
         return state
 
@@ -419,6 +470,11 @@ class GradWatchCallback:
 
 
 GradWatchCallback.__doc__ = GradWatchCallback.__doc__.replace("{options}", WatchConfig.options_doc(indent=12))  # type: ignore[union-attr]
+
+
+def _scaler(trainer: Any) -> Any:
+    """The precision plugin's ``GradScaler`` (16-bit mixed precision), or ``None``."""
+    return getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
 
 
 def _logs_now(trainer: Any) -> bool:

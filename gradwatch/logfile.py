@@ -35,6 +35,13 @@ Records (schema version 1), each with a ``"type"``:
 ``end`` (last line of a run that finished)
     ``step`` (last step), ``diagnoses``, ``actions`` (counts over the run), ``summary``: the
     final report's table rows, as in ``interval``.
+``resume`` (a run resumed from a checkpoint, or a watcher attached again, appended to its log)
+    ``step`` (the first step of the resumed run), ``time``, ``gradwatch``. Records written
+    before it about steps ``>= step`` (the earlier run went past its checkpoint, then
+    stopped) are superseded: :func:`read_log` drops them from the run it returns (they stay
+    in the file) and counts them in :attr:`RunLog.superseded`; an ``end`` record before it
+    no longer ends the run. A line cut mid-write right before a ``resume`` is the record
+    the earlier run was writing when it stopped, and is skipped.
 
 Readers skip record types they do not know, so later versions may add types; a change of
 meaning bumps :data:`SCHEMA_VERSION`.
@@ -70,6 +77,7 @@ __all__ = [
     "nonfinite_records",
     "number",
     "read_log",
+    "resume_record",
     "summary_rows",
 ]
 
@@ -154,6 +162,16 @@ def diagnosis_record(diagnosis: Diagnosis, at: int) -> dict[str, Any]:
     return {"type": "diagnosis", "step": diagnosis.step, "at": at, "diagnosis": diagnosis.to_dict()}
 
 
+def resume_record(step: int) -> dict[str, Any]:
+    """The ``resume`` record: a resumed run appends from step ``step`` on."""
+    return {
+        "type": "resume",
+        "step": step,
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "gradwatch": _version(),
+    }
+
+
 def end_record(step: int, *, diagnoses: int, actions: int, summary: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """The ``end`` record: the last step, the run's diagnosis and action counts, the final table rows."""
     return {"type": "end", "step": step, "diagnoses": diagnoses, "actions": actions, "summary": list(summary)}
@@ -185,6 +203,9 @@ class RunLog:
         nonfinite: ``(step, layers)`` of each statistics step with non-finite gradients.
         end: The ``end`` record, or ``None`` for a run that did not finish.
         cut_line: The number of a last line that was cut mid-write (and skipped), else ``None``.
+        resumes: The ``resume`` records (``step``, ``time``), in order.
+        superseded: Records dropped because a later ``resume`` re-ran their steps.
+        cut_before_resume: Numbers of lines cut mid-write that a ``resume`` followed (skipped).
     """
 
     path: str
@@ -195,6 +216,10 @@ class RunLog:
     nonfinite: list[tuple[int, list[str]]] = field(default_factory=list)
     end: dict[str, Any] | None = None
     cut_line: int | None = None
+    resumes: list[dict[str, Any]] = field(default_factory=list)
+    superseded: int = 0
+    cut_before_resume: list[int] = field(default_factory=list)
+    _made_at: list[int] = field(default_factory=list, repr=False)  # the report step of each diagnosis
 
     @property
     def layers(self) -> list[str]:
@@ -258,6 +283,7 @@ def read_log(path: str | os.PathLike[str]) -> RunLog:
     if p.is_dir():
         raise RunLogError(f"{path}: is a directory; pass the JSONL file given as log=")
     log: RunLog | None = None
+    broken: tuple[int, json.JSONDecodeError] | None = None  # a bad line, forgiven only if a resume follows
     for lineno, line, whole in _lines(path):
         if not line.strip():
             continue
@@ -271,9 +297,22 @@ def read_log(path: str | os.PathLike[str]) -> RunLog:
                     ) from None
                 log.cut_line = lineno
                 break
+            if log is not None and broken is None:
+                broken = (lineno, exc)
+                continue
+            bad_line, bad = broken or (lineno, exc)
             raise RunLogError(
-                f"{path}:{lineno}: not JSON ({exc.msg} at column {exc.colno}); is this a gradwatch run log?"
+                f"{path}:{bad_line}: not JSON ({bad.msg} at column {bad.colno}); is this a gradwatch run log?"
             ) from None
+        if broken is not None:
+            if not (isinstance(record, dict) and record.get("type") == "resume"):
+                bad_line, bad = broken
+                raise RunLogError(
+                    f"{path}:{bad_line}: not JSON ({bad.msg} at column {bad.colno}); is this a gradwatch run log?"
+                ) from None
+            assert log is not None
+            log.cut_before_resume.append(broken[0])  # the record in flight when the earlier run stopped
+            broken = None
         if not isinstance(record, dict) or "type" not in record:
             raise RunLogError(
                 f"{path}:{lineno}: not a gradwatch record (a JSON object with a 'type'); is this a gradwatch run log?"
@@ -295,6 +334,9 @@ def read_log(path: str | os.PathLike[str]) -> RunLog:
             _add(log, record)
         except (KeyError, TypeError, ValueError) as exc:
             raise RunLogError(f"{path}:{lineno}: malformed {record['type']!r} record ({type(exc).__name__}: {exc})") from None
+    if broken is not None:
+        bad_line, bad = broken
+        raise RunLogError(f"{path}:{bad_line}: not JSON ({bad.msg} at column {bad.colno}); is this a gradwatch run log?")
     if log is None:
         raise RunLogError(
             f"{path}:1: the file is empty; the run wrote no report yet (reports come every report_every steps and at the end)"
@@ -309,10 +351,39 @@ def _add(log: RunLog, record: dict[str, Any]) -> None:
         log.intervals.append(record)
     elif kind == "diagnosis":
         log.diagnoses.append(Diagnosis.from_dict(record["diagnosis"]))
+        log._made_at.append(int(record.get("at", record["step"])))
     elif kind == "action":
         log.actions.append(Action.from_dict(record))
     elif kind == "nonfinite":
         log.nonfinite.append((int(record["step"]), list(record["layers"])))
     elif kind == "end":
         log.end = record
+    elif kind == "resume":
+        _resume(log, int(record["step"]))
+        log.resumes.append(record)
     # Unknown types are skipped: later versions may add records.
+
+
+def _resume(log: RunLog, step: int) -> None:
+    """Drop what the earlier run logged about steps ``>= step``: the resumed run logs them again."""
+    before = len(log.intervals) + len(log.diagnoses) + len(log.actions) + len(log.nonfinite) + (log.end is not None)
+    kept = []
+    for record in log.intervals:
+        if record["first_step"] >= step:
+            continue
+        if record["last_step"] >= step:  # an interval cut by the checkpoint: keep its earlier steps
+            keep = [i for i, s in enumerate(record["steps"]) if s < step]
+            record = {**record, "last_step": step - 1, "steps": [record["steps"][i] for i in keep]}
+            record["total_norm"] = [record["total_norm"][i] for i in keep]
+            if "grad_norm" in record:
+                record["grad_norm"] = [record["grad_norm"][i] for i in keep]
+        kept.append(record)
+    log.intervals = kept
+    pairs = [(d, at) for d, at in zip(log.diagnoses, log._made_at) if at < step]
+    log.diagnoses, log._made_at = [d for d, _ in pairs], [at for _, at in pairs]
+    log.actions = [a for a in log.actions if a.step < step]
+    log.nonfinite = [(s, layers) for s, layers in log.nonfinite if s < step]
+    log.end = None
+    after = len(log.intervals) + len(log.diagnoses) + len(log.actions) + len(log.nonfinite)
+    # An interval cut short counts as kept; the end record counts as superseded.
+    log.superseded += before - after

@@ -62,3 +62,7 @@ class Stash:
 
     def __len__(self) -> int:
         return len(self._storage)
+
+    def clear(self) -> None:
+        """Forget everything (a re-attached watcher configures its plugins afresh)."""
+        self._storage.clear()

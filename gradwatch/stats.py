@@ -22,7 +22,7 @@ from torch import nn
 
 from gradwatch.types import GradWatchError, ModelInfo, Series, StatsWindow
 
-__all__ = ["GradBatch", "History", "Plan", "StatsRing", "CORE_STATS", "LOSS_KEY"]
+__all__ = ["GradBatch", "History", "Plan", "StatsRing", "CORE_STATS", "LOSS_KEY", "RING_BYTES", "ring_rows"]
 
 #: ``extras`` key of the recorded loss (``Watcher.observe_loss``).
 LOSS_KEY = "core.loss"
@@ -47,6 +47,7 @@ class _Group:
     index: torch.Tensor  # int64 layer index of each parameter, on ``device``
     shard_group: Any = None  # the process group a sharded (DTensor) group reduces over
     aminmax_ok: bool = True  # no empty tensors (aminmax refuses them; local shards may be empty)
+    sparse: bool = False  # sparse (COO) gradients: nn.Embedding(sparse=True) and the like
 
     def local(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """The local shards of DTensors (FSDP2); plain tensors as they are. A Python pass
@@ -102,10 +103,23 @@ class Plan:
             numel[i] += p.numel()
         self.device = params[0].device
         self.numel = numel.to(_F32).to(self.device)
-        keys: dict[tuple[str, int], tuple[torch.device, Any, list[int]]] = {}
+        # Modules that say they make sparse gradients (nn.Embedding / EmbeddingBag(sparse=True)).
+        self._sparse = {
+            id(layer.module.get_parameter(pname))
+            for layer in model.layers
+            if getattr(layer.module, "sparse", False) is True
+            for pname in layer.param_names
+        }
+        self._group()
+        self._checked = False
+
+    def _group(self) -> None:
+        params, index = self.params, self.layer_of_param
+        keys: dict[tuple[str, int, bool], tuple[torch.device, Any, bool, list[int]]] = {}
         for k, p in enumerate(params):
             group = _shard_group(p)
-            keys.setdefault((str(p.device), id(group)), (p.device, group, []))[2].append(k)
+            sparse = id(p) in self._sparse
+            keys.setdefault((str(p.device), id(group), sparse), (p.device, group, sparse, []))[3].append(k)
         self.groups = [
             _Group(
                 device=device,
@@ -113,14 +127,34 @@ class Plan:
                 index=torch.tensor([index[k] for k in positions], dtype=torch.int64, device=device),
                 shard_group=group,
                 aminmax_ok=all(params[k].numel() > 0 for k in positions),
+                sparse=sparse,
             )
-            for device, group, positions in keys.values()
+            for device, group, sparse, positions in keys.values()
         ]
         # Per "which gradients are missing" pattern, the group layout of the present ones.
         self._layouts: dict[tuple[int, ...], list[_Group]] = {}
 
-    def batch(self) -> GradBatch:
-        """Gather this step's gradients (C-level ``map``; no Python loop when all are present)."""
+    def _check_layouts(self) -> None:
+        """Once, on the first step: a gradient that is not strided (sparse) although its
+        module did not say so moves to a sparse group, so foreach kernels never see it."""
+        self._checked = True
+        found = {
+            id(p) for p in self.params if p.grad is not None and p.grad.layout != torch.strided and id(p) not in self._sparse
+        }
+        if found:
+            self._sparse |= found
+            self._group()
+
+    def batch(self, grad_scale: torch.Tensor | None = None) -> GradBatch:
+        """Gather this step's gradients (C-level ``map``; no Python loop when all are present).
+
+        Args:
+            grad_scale: The factor the gradients are still multiplied by (a ``GradScaler``'s
+                scale when a fused optimizer unscales inside its own step); every statistic
+                divides it out, on device.
+        """
+        if not self._checked:
+            self._check_layouts()
         groups: list[tuple[_Group, list[torch.Tensor]]] = []
         for group in self.groups:
             grads = list(map(_GRAD, group.params))
@@ -141,6 +175,7 @@ class Plan:
                             index=group.index[torch.tensor(keep, dtype=torch.int64, device=group.device)],
                             shard_group=group.shard_group,
                             aminmax_ok=group.aminmax_ok,
+                            sparse=group.sparse,
                         )
                     ]
                     self._layouts[key] = layout
@@ -150,7 +185,8 @@ class Plan:
                     groups.append((sub, sub.local(grads)))
             else:
                 groups.append((group, group.local(grads)))
-        return GradBatch(self, groups)
+        inv = None if grad_scale is None else grad_scale.detach().to(self.device, _F32).reciprocal()
+        return GradBatch(self, groups, inv)
 
 
 class GradBatch:
@@ -160,11 +196,17 @@ class GradBatch:
     and returns device tensors; nothing here reads a value on the host.
     """
 
-    __slots__ = ("plan", "_groups", "_norms", "_maxabs", "_layer_sq", "_index")
+    __slots__ = ("plan", "_groups", "_norms", "_maxabs", "_layer_sq", "_index", "inv_scale")
 
-    def __init__(self, plan: Plan, groups: list[tuple[_Group, list[torch.Tensor]]]) -> None:
+    def __init__(
+        self, plan: Plan, groups: list[tuple[_Group, list[torch.Tensor]]], inv_scale: torch.Tensor | None = None
+    ) -> None:
         self.plan = plan
         self._groups = groups
+        #: ``1 / scale`` when the raw :attr:`tensors` still carry a loss scale (fp16 with a fused
+        #: optimizer), else ``None``. Every reduction here divides the scale out; a plugin that
+        #: reduces :attr:`tensors` itself multiplies by it.
+        self.inv_scale = inv_scale
         self._norms: torch.Tensor | None = None
         self._maxabs: torch.Tensor | None = None
         self._layer_sq: torch.Tensor | None = None
@@ -179,6 +221,17 @@ class GradBatch:
     def params(self) -> list[nn.Parameter]:
         """The parameters of :attr:`tensors`, in the same order."""
         return [p for group, _ in self._groups for p in group.params]
+
+    @property
+    def weights(self) -> list[torch.Tensor]:
+        """The parameters as :attr:`tensors` hold their gradients: each rank's local shards
+        under FSDP2, the parameters themselves otherwise."""
+        return [w for group, _ in self._groups for w in group.local(group.params)]
+
+    @property
+    def shard_groups(self) -> list[Any]:
+        """The process group each of :attr:`tensors` is sharded over (FSDP2), or ``None``."""
+        return [group.shard_group for group, grads in self._groups for _ in grads]
 
     @property
     def layer_index(self) -> torch.Tensor:
@@ -201,13 +254,27 @@ class GradBatch:
     def _per_tensor(self, ord: float) -> torch.Tensor:
         parts = []
         for group, grads in self._groups:
-            if ord == math.inf and group.device.type == "cpu" and group.aminmax_ok and group.shard_group is None:
+            if group.sparse:
+                # A sparse gradient's norms are those of its values once duplicates are summed
+                # (coalesce): equal to the dense gradient's. A Python pass over these few tensors.
+                # A tied or accumulated gradient of a sparse module may be dense: taken as it is.
+                values = [g.coalesce().values() if g.layout != torch.strided else g for g in grads]
+                if ord == math.inf:
+                    norms = torch.stack([v.abs().amax().to(_F32) if v.numel() else v.new_zeros((), dtype=_F32) for v in values])
+                else:
+                    norms = torch.stack([torch.linalg.vector_norm(v, ord, dtype=_F32) for v in values])
+            elif ord == math.inf and group.device.type == "cpu" and group.aminmax_ok and group.shard_group is None:
                 # torch 2.13's CPU foreach inf-norm takes a slow path (about 20x the L2 pass on
                 # an MLP); per-tensor aminmax (mapped in C) costs what the L2 pass costs, and a
                 # CPU has no kernel launches to save. Exact, NaN-propagating.
                 pairs = list(map(torch.aminmax, grads))
                 norms = torch.maximum(torch.stack(list(map(_MAX, pairs))), torch.stack(list(map(_MIN, pairs))).neg()).to(_F32)
             else:
+                if ord == math.inf and group.shard_group is not None:
+                    # A rank's shard of a small parameter may be empty (Linear(32, 1) over 2 ranks), and
+                    # the inf-norm of nothing is undefined: its max |g| is 0 here, the other ranks' after
+                    # the max-reduce. A Python pass, as DTensor's to_local already is.
+                    grads = [g if g.numel() else g.new_zeros(1) for g in grads]
                 # One foreach launch per device; float32 accumulation whatever the grad dtype.
                 norms = torch.stack(torch._foreach_norm(grads, ord, dtype=_F32))
             if group.shard_group is not None:
@@ -217,7 +284,8 @@ class GradBatch:
             parts.append(norms.to(self.plan.device))
         if not parts:
             return torch.zeros(0, dtype=_F32, device=self.plan.device)
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        norms = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return norms if self.inv_scale is None else norms * self.inv_scale
 
     @torch.no_grad()
     def norms(self) -> torch.Tensor:
@@ -308,23 +376,48 @@ class WeightSnapshot:
         return w, d_sq.sqrt() / w.clamp_min(torch.finfo(_F32).tiny)
 
 
-class _Rows:
-    """A preallocated device ring of rows of one shape, with the host-known step of each row."""
+#: Device memory the per-layer rows of one report interval may hold (issue 12: a
+#: ``report_every`` of 10**9 once asked for 8 TB). The ring drains early when it is full.
+RING_BYTES = 64 * 2**20
+#: Rows a ring holds at least, whatever the model's size.
+MIN_RING_ROWS = 16
+#: Rows allocated first; a ring doubles as it fills, up to its capacity.
+FIRST_RING_ROWS = 32
 
-    __slots__ = ("buffer", "steps")
+
+def ring_rows(num_layers: int, wanted: int, max_bytes: int | None = None) -> int:
+    """Rows per device ring: ``wanted`` (``report_every + 1``), bounded so that the core
+    rows (``5·L + 1 + 2·L`` float32 values a row: the per-layer statistics, the total
+    norm, the weight norm and the update ratio) fit in ``max_bytes``."""
+    per_row = 4 * ((len(CORE_STATS) + 2) * num_layers + 1)
+    budget = RING_BYTES if max_bytes is None else max_bytes
+    return max(1, min(wanted, max(MIN_RING_ROWS, budget // per_row)))
+
+
+class _Rows:
+    """A device ring of rows of one shape, with the host-known step of each row. It is
+    allocated in chunks (doubling up to ``capacity`` rows), so a long report interval
+    costs only the rows it fills."""
+
+    __slots__ = ("buffer", "steps", "capacity")
 
     def __init__(self, capacity: int, shape: Sequence[int], device: torch.device) -> None:
-        self.buffer = torch.zeros((capacity, *shape), dtype=_F32, device=device)
+        self.capacity = capacity
+        self.buffer = torch.zeros((min(capacity, FIRST_RING_ROWS), *shape), dtype=_F32, device=device)
         self.steps: list[int] = []
 
-    def write(self, step: int, row: torch.Tensor) -> bool:
-        """Copy ``row`` in (no sync); ``False`` when the ring is full."""
+    def write(self, step: int, row: torch.Tensor) -> None:
+        """Copy ``row`` in (no sync). A full ring grows (never drops a row); the watcher
+        drains it at the end of the step (:attr:`StatsRing.full`)."""
         slot = len(self.steps)
         if slot >= self.buffer.shape[0]:
-            return False
+            # A device copy into a larger buffer, log2(capacity / 32) times a run at most.
+            size = max(slot + 1, min(2 * self.buffer.shape[0], self.capacity))
+            grown = self.buffer.new_zeros((size, *self.buffer.shape[1:]))
+            grown[:slot].copy_(self.buffer[:slot])
+            self.buffer = grown
         self.buffer[slot].copy_(row, non_blocking=True)
         self.steps.append(step)
-        return True
 
     def flat(self) -> torch.Tensor:
         return self.buffer[: len(self.steps)].reshape(-1)
@@ -342,24 +435,34 @@ class StatsRing:
 
     Args:
         num_layers: Columns of the per-layer rows.
-        capacity: Rows per ring; one interval never writes more than ``report_every + 1``.
+        capacity: Rows wanted per ring (``report_every + 1``: one interval never writes
+            more), bounded by :func:`ring_rows` to ``max_bytes`` of core rows; when a
+            ring is :attr:`full`, the watcher ends the interval early.
         device: Where the rows live (the gradients' device).
+        max_bytes: The bound on the core rows' memory (default :data:`RING_BYTES`).
     """
 
-    def __init__(self, num_layers: int, capacity: int, device: torch.device) -> None:
+    def __init__(self, num_layers: int, capacity: int, device: torch.device, max_bytes: int | None = None) -> None:
         self.num_layers = num_layers
-        self.capacity = capacity
+        self.capacity = ring_rows(num_layers, capacity, max_bytes)
         self.device = device
-        self.core = _Rows(capacity, (len(CORE_STATS), num_layers), device)
-        self.total = _Rows(capacity, (), device)
-        self.weight = _Rows(capacity, (num_layers,), device)
-        self.update = _Rows(capacity, (num_layers,), device)
+        self.core = _Rows(self.capacity, (len(CORE_STATS), num_layers), device)
+        self.total = _Rows(self.capacity, (), device)
+        self.weight = _Rows(self.capacity, (num_layers,), device)
+        self.update = _Rows(self.capacity, (num_layers,), device)
         self.extras: dict[str, _Rows] = {}
 
     @property
     def full(self) -> bool:
+        """Whether some ring holds ``capacity`` rows: the interval must end now."""
         rings = (self.core, self.total, self.weight, self.update, *self.extras.values())
         return any(len(r.steps) >= self.capacity for r in rings)
+
+    @property
+    def nbytes(self) -> int:
+        """Device memory the rings hold now."""
+        rings = (self.core, self.total, self.weight, self.update, *self.extras.values())
+        return sum(r.buffer.numel() * r.buffer.element_size() for r in rings)
 
     def write_core(self, step: int, batch: GradBatch) -> None:
         self.core.write(step, batch.core_row())

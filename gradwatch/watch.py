@@ -34,7 +34,7 @@ from gradwatch.amp import AmpSkips
 from gradwatch.config import WatchConfig
 from gradwatch.hooks import Hook, Probes, remove_all
 from gradwatch.layers import as_optimizers, check_optimizers, find_layers, unwrap_model
-from gradwatch.manager import PluginHost, plugin_manager
+from gradwatch.manager import PluginHost, first_line, plugin_manager
 from gradwatch.pipeline import Pipeline
 from gradwatch.stash import Stash
 from gradwatch.stats import LOSS_KEY, History, Plan, StatsRing, WeightSnapshot
@@ -145,6 +145,9 @@ class Watcher:
             from gradwatch.trial import BatchKeeper
 
             self.kept = BatchKeeper(config.keep_batches, copies=config.keep_copies)
+        self._attaches = 0
+        self._warned_detached = False
+        self._carried: dict[str, Any] | None = None  # plugin state kept from detach to the next attach
         self.pm = plugin_manager(config)
         self.host = PluginHost(self.pm, strict=config.strict)
         self.pipeline = Pipeline(self.host, self.model_info.names, config.history_size)
@@ -190,7 +193,13 @@ class Watcher:
 
     def attach(self) -> Watcher:
         """Register the hooks. Raises if this watcher, or another watcher with the same step
-        source (optimizer, or explicit steps), is already attached to the model."""
+        source (optimizer, or explicit steps), is already attached to the model.
+
+        A watcher attached again after :meth:`detach` behaves like a new one that resumes
+        from a checkpoint taken at the detach: its plugins are configured afresh (a new
+        ``stash``) and attached, then given back the state they returned at the detach
+        (``gradwatch_state_dict``); the step count, history, diagnoses and actions go on.
+        """
         if self._attached:
             raise GradWatchError("this watcher is already attached; call detach() before attaching it again")
         sources = frozenset(id(o) for o in self.optimizers) or frozenset({_EXPLICIT})
@@ -209,6 +218,8 @@ class Watcher:
         others[id(self)] = sources
         self._attached = True
         try:
+            if self._attaches:
+                self._reconfigure()
             self._handles.append(self.outer.register_forward_pre_hook(Hook(self._on_forward)))
             if self.kept is not None:
                 self._handles.append(self.outer.register_forward_pre_hook(Hook(self.kept), with_kwargs=True))
@@ -219,6 +230,9 @@ class Watcher:
                 for layer in self.model_info.layers:
                     self._order_handles.append(layer.module.register_forward_pre_hook(Hook(self._record_order)))
             self.host.call("gradwatch_attach", model=self.model_info, ctx=self.context(probes=self.probes))
+            carried, self._carried = self._carried, None
+            if carried is not None:
+                self.host.call("gradwatch_load_state_dict", state=carried, ctx=self.context())
             if self.model_info.compiled and self.probes.has_sampled:
                 # Adding and removing hooks every sampled step would recompile the graph.
                 warnings.warn(
@@ -231,7 +245,31 @@ class Watcher:
         except BaseException:
             self.detach(report=False)
             raise
+        self._attaches += 1
         return self
+
+    def _reconfigure(self) -> None:
+        """A second attach: fresh plugin state (a plugin appends its probes and per-module
+        state at every attach, issue 12), and the statistics plan rebuilt if the model's
+        trainable parameters changed while detached."""
+        self._broken = None
+        self.stash.clear()
+        self.host.configure_again(config=self.config, ctx=self.context())
+        if self._plan is not None:
+            layers = find_layers(self.model, order=list(dict.fromkeys(self._order)), keep=self._keep)
+            same = [(layer.name, layer.param_names) for layer in layers] == [
+                (layer.name, layer.param_names) for layer in self.model_info.layers
+            ] and [id(p) for p in self._plan.params] == [
+                id(layer.module.get_parameter(n)) for layer in layers for n in layer.param_names
+            ]
+            if not same:
+                if not layers:
+                    raise GradWatchError(
+                        f"{type(self.model).__name__} has no trainable parameters left to watch; unfreeze a layer "
+                        "before attaching again"
+                    )
+                self.model_info = dataclasses.replace(self.model_info, layers=layers)
+                self._plan = self._ring = None
 
     def detach(self, *, report: bool = True) -> None:
         """Close the current step, give the final report and remove every hook (idempotent)."""
@@ -242,6 +280,9 @@ class Watcher:
                 self._guard(self._finish)
         finally:
             self._remove_hooks()
+            with contextlib.suppress(Exception):
+                # Kept for a later attach, which gives it back to the freshly configured plugins.
+                self._carried = self._plugin_state()
             with contextlib.suppress(Exception):
                 self.host.call("gradwatch_unconfigure", config=self.config, ctx=self.context())
             others = _ATTACHED.get(self.model)
@@ -269,10 +310,27 @@ class Watcher:
 
     # ------------------------------------------------------------------ public actions
 
-    def step(self) -> None:
+    def step(self, *, grad_scale: torch.Tensor | None = None) -> None:
         """Mark a step boundary: gradients are final now. Use it when no optimizer is given
-        (or from a framework callback); call it after backward and before the update."""
-        self._guard(self._boundary)
+        (or from a framework callback); call it after backward and before the update.
+
+        Args:
+            grad_scale: The loss scale the gradients still carry, when the optimizer
+                unscales them inside its own step (a fused optimizer under a ``GradScaler``
+                that was not asked to ``unscale_``): statistics and clipping divide it out
+                on device. ``None`` (the default): the gradients are unscaled.
+        """
+        if not self._attached:
+            if not self._warned_detached:
+                self._warned_detached = True
+                warnings.warn(
+                    "gw.step() on a detached watcher (its `with` block ended, or detach() was called) does nothing; "
+                    "call gw.attach() to watch again",
+                    GradWatchWarning,
+                    stacklevel=2,
+                )
+            return
+        self._guard(lambda: self._boundary(grad_scale))
 
     def observe_loss(self, loss: torch.Tensor) -> None:
         """Record this step's loss on device (no host sync), as ``history.loss``.
@@ -436,9 +494,7 @@ class Watcher:
         """
         if self._attached and self._broken is None:
             self._guard(self._flush)
-        plugins: dict[str, Any] = {}
-        for part in self.host.call("gradwatch_state_dict", ctx=self.context()):
-            plugins.update(part)
+        plugins = self._plugin_state() if self._attached or self._carried is None else dict(self._carried)
         return {
             "version": 1,
             "step": self._step,
@@ -448,6 +504,12 @@ class Watcher:
             "plugins": plugins,
         }
 
+    def _plugin_state(self) -> dict[str, Any]:
+        plugins: dict[str, Any] = {}
+        for part in self.host.call("gradwatch_state_dict", ctx=self.context()):
+            plugins.update(part or {})
+        return plugins
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned; the run continues at the saved step."""
         if state.get("version") != 1:
@@ -456,6 +518,9 @@ class Watcher:
         self.history.load_state_dict(state["history"])
         self.pipeline.diagnoses[:] = [Diagnosis.from_dict(d) for d in state["diagnoses"]]
         self.pipeline.actions[:] = [Action.from_dict(a) for a in state["actions"]]
+        if not self._attached and self._attaches:
+            self._carried = dict(state["plugins"])  # detached: the plugins get it at the next attach
+            return
         self.host.call("gradwatch_load_state_dict", state=state["plugins"], ctx=self.context())
         self._schedule_probes()
 
@@ -496,7 +561,11 @@ class Watcher:
         if self._open and id(optimizer) not in self._stepped:
             self._stepped.add(id(optimizer))  # a second optimizer of the same step
             return
-        self._boundary()
+        # A fused optimizer under GradScaler.step() unscales inside its kernel: the scaler sets
+        # ``optimizer.grad_scale`` for that call (torch.amp.grad_scaler), so the gradients seen
+        # here still carry the loss scale (Lightning-AI/pytorch-lightning#21720).
+        scale = getattr(optimizer, "grad_scale", None)
+        self._boundary(scale if isinstance(scale, torch.Tensor) else None)
         self._stepped = {id(optimizer)}
 
     def _count_stepless(self) -> None:
@@ -518,7 +587,7 @@ class Watcher:
             )
 
     @torch.no_grad()
-    def _boundary(self) -> None:
+    def _boundary(self, grad_scale: torch.Tensor | None = None) -> None:
         self._stepless = None
         if self._open:
             self._close()
@@ -526,7 +595,7 @@ class Watcher:
         self.amp.backward_seen = False
         self._open = True
         self._stepped = set()
-        batch = plan.batch()
+        batch = plan.batch(grad_scale)
         if not len(batch):
             return
         step = self._step
@@ -572,6 +641,7 @@ class Watcher:
             self._plan = Plan(self.model_info)
             capacity = self.config.report_every + 1
             self._ring = StatsRing(self._plan.num_layers, capacity, self._plan.device)
+            self.host.shapes.clear()  # statistics of a new plan may take new shapes
             self.pipeline.relayer(self.model_info.names)
             if self._order and self.model_info.layers[0].module is not self.amp.layer:
                 # The first layer in forward order gets its gradient last: the flag goes there.
@@ -618,7 +688,7 @@ class Watcher:
             self._broken = exc
             self._remove_hooks()
             warnings.warn(
-                f"gradwatch stopped watching after an internal error ({type(exc).__name__}: {exc}); "
+                f"gradwatch stopped watching after an internal error ({type(exc).__name__}: {first_line(exc)}); "
                 "training goes on unwatched; pass strict=True to see the traceback",
                 GradWatchWarning,
                 stacklevel=3,

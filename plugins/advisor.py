@@ -70,6 +70,7 @@ from gradwatch import (
     anatomy,
     hookimpl,
 )
+from gradwatch.kit import exp as _exp
 from gradwatch.kit import num, plugin_options, power, round_sig, times
 
 if TYPE_CHECKING:
@@ -797,7 +798,7 @@ def _reinit(d: Diagnosis, root: nn.Module, anat: anatomy.Anatomy) -> Remedy | No
         for s in scales:
             anatomy.apply_init(s, model.get_submodule(s.name).weight)
 
-    mean = math.exp(sum(math.log(s.gain) for s in scales) / len(scales))
+    mean = _exp(sum(math.log(s.gain) for s in scales) / len(scales))
     rationale = (
         f"{measured(d)}; weight std is {times(mean)} of the expectation (e.g. {first.name!r}: {num(first.std)} measured vs "
         f"{num(first.expected)} expected), and along the signal path the init scales the signal by "
@@ -818,7 +819,7 @@ def _forget_bias(seq_len: int) -> float:
 
 def _keep(bias: float, steps: int) -> str:
     """``σ(bias)^steps`` as messages write it (log space: no underflow)."""
-    return power(1 / (1 + math.exp(-bias)), steps)
+    return power(0.5 * (1 + math.tanh(bias / 2)), steps)  # σ(b), no overflow at any bias
 
 
 def _set_gate_bias(module: nn.Module, h: int, bias: float) -> None:
@@ -1062,7 +1063,7 @@ def loss_growth(run: Run) -> tuple[float, int] | None:
     y = torch.tensor([math.log(v) for _, v in tail], dtype=torch.float64)
     xc = x - x.mean()
     slope = float((xc * (y - y.mean())).sum() / xc.square().sum())
-    growth = math.exp(min(slope, 700.0))
+    growth = _exp(min(slope, 700.0))
     return (growth, tail[0][0]) if growth > 1.05 else None
 
 

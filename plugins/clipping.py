@@ -60,7 +60,7 @@ class ClipState:
     steps: int = 0  # optimizer steps acted on; host-known, so positions need no sync
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     exclude: frozenset[int] | None = None  # AGC: ids of parameters not clipped
-    agc_groups: dict[tuple[int, ...], list[list[int]]] = field(default_factory=dict)
+    agc_groups: dict[tuple[int, ...], _AgcLayout] = field(default_factory=dict)
     order: dict[int, int] | None = None  # id(parameter) -> position in model.parameters()
     perms: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)
     clipped: int = 0
@@ -79,11 +79,32 @@ def gradwatch_configure(config: WatchConfig, ctx: StepContext) -> None:
             "pass clip=gradwatch.ZClip(...) (or AutoClip, AGC, ClipNorm) and on_nonfinite= instead"
         )
     clip = resolve_clip(config.clip)
+    if isinstance(clip, AGC):
+        _check_agc_shards(ctx)
     if isinstance(clip, AGC) and clip.exclude:
         unknown = sorted(set(clip.exclude) - set(ctx.model.names))
         if unknown:
             raise GradWatchError(f"AGC exclude names unknown layer(s) {unknown}; layers are: {', '.join(ctx.model.names)}")
     ctx.stash[KEY] = ClipState(clip=clip, policy=resolve_nonfinite(config.on_nonfinite))
+
+
+def _check_agc_shards(ctx: StepContext) -> None:
+    """AGC's units are the rows of a weight: under FSDP2 they are whole on each rank only
+    when the weight is sharded on dim 0 (``fully_shard``'s default)."""
+    for layer in ctx.model.layers:
+        for pname in layer.param_names:
+            param = layer.module.get_parameter(pname)
+            placements = getattr(param, "placements", None)
+            if placements is None or param.dim() < 2:
+                continue
+            dims = [
+                getattr(p, "dim", 0) for p in placements if type(p).__name__ == "Shard" or getattr(p, "is_shard", lambda: False)()
+            ]
+            if any(d != 0 for d in dims):
+                raise GradWatchError(
+                    f"clip='agc' needs each weight's rows whole on a rank, but {layer.name}.{pname} is sharded on dim "
+                    f"{dims[0]}; shard on dim 0 (fully_shard's default) or use clip=<max norm>, 'autoclip' or 'zclip'"
+                )
 
 
 @hookimpl
@@ -192,6 +213,8 @@ def _zclip(state: ClipState, clip: ZClip, norm: torch.Tensor, finite: torch.Tens
     n = state.steps
     cap = norm.new_full((), _INF if clip.max_norm is None else clip.max_norm)
     if n < clip.warmup:
+        if clip.warmup_max_norm is not None:
+            cap = torch.clamp(cap, max=clip.warmup_max_norm)  # the authors' package clips warm-up at its max_grad_norm
         warm = t.get("warm")
         if warm is None:
             warm = t["warm"] = norm.new_full((clip.warmup,), math.nan)
@@ -218,44 +241,87 @@ def _zclip(state: ClipState, clip: ZClip, norm: torch.Tensor, finite: torch.Tens
     return torch.minimum(threshold, cap)
 
 
-def _agc_groups(state: ClipState, grads: GradBatch, clip: AGC, ctx: StepContext) -> list[list[int]]:
+@dataclass(frozen=True)
+class _AgcLayout:
+    """Where AGC's work goes for one layout of present gradients (cached per layout)."""
+
+    rows: list[list[int]]  # positions clipped unit-wise on this rank, by (shape, dtype, device)
+    spread: list[tuple[Any, list[int]]]  # FSDP2: 0-/1-d shards (one unit over ranks), by shard group
+    joint: torch.Tensor | None  # positions clipped together at exclude_max_norm (excluded, sparse)
+    joint_positions: list[int]
+
+
+def _agc_groups(state: ClipState, grads: GradBatch, clip: AGC, ctx: StepContext) -> _AgcLayout:
     """Positions of the clipped gradients, grouped by (shape, dtype, device); cached per
     layout of present gradients, so the grouping pass runs once, not every step."""
     ids = tuple(map(id, grads.params))
-    groups = state.agc_groups.get(ids)
-    if groups is None:
+    layout = state.agc_groups.get(ids)
+    if layout is None:
         if state.exclude is None:
             names = set(clip.exclude) if clip.exclude is not None else {ctx.model.layers[-1].name}
             state.exclude = frozenset(
                 id(layer.module.get_parameter(p)) for layer in ctx.model.layers if layer.name in names for p in layer.param_names
             )
         by_kind: dict[tuple[Any, ...], list[int]] = {}
-        for k, (g, i) in enumerate(zip(grads.tensors, ids)):
-            if i not in state.exclude:
+        spread: dict[int, tuple[Any, list[int]]] = {}
+        joint: list[int] = []
+        for k, (g, i, group) in enumerate(zip(grads.tensors, ids, grads.shard_groups)):
+            if i in state.exclude or g.layout != torch.strided:
+                joint.append(k)  # sparse gradients too: their rows are not split here
+            elif group is not None and g.dim() < 2:
+                # FSDP2 shards a bias (one unit) over the ranks: its norms are all-reduced.
+                spread.setdefault(id(group), (group, []))[1].append(k)
+            else:
+                # Rows of a weight are whole on each rank (FSDP2 shards dim 0, checked at configure).
                 by_kind.setdefault((tuple(g.shape), g.dtype, g.device), []).append(k)
-        groups = state.agc_groups[ids] = list(by_kind.values())
-    return groups
+        device = grads.norms().device
+        positions = torch.tensor(joint, dtype=torch.int64, device=device) if joint else None
+        layout = state.agc_groups[ids] = _AgcLayout(list(by_kind.values()), list(spread.values()), positions, joint)
+    return layout
+
+
+def _agc_coef(clip: AGC, g_norm: torch.Tensor, w_norm: torch.Tensor) -> torch.Tensor:
+    return (w_norm.clamp_min(clip.eps) * clip.clipping / g_norm.clamp_min(1e-6)).clamp_max(1.0)
 
 
 def _agc(state: ClipState, clip: AGC, grads: GradBatch, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
-    groups = _agc_groups(state, grads, clip, ctx)
-    tensors, params = grads.tensors, grads.params
+    layout = _agc_groups(state, grads, clip, ctx)
+    tensors, weights = grads.tensors, grads.weights
+    inv = grads.inv_scale  # gradients still multiplied by a loss scale (fp16, fused optimizer): divided out
     coefs = []
     with torch.no_grad():
         # One stacked computation per distinct parameter shape (a 200-layer MLP has two),
         # not one per parameter: unit norms are row norms, which no foreach kernel gives.
-        for group in groups:
+        for group in layout.rows:
             gs = [tensors[k] for k in group]
             g = torch.stack(gs)
-            w = torch.stack([params[k].detach() for k in group])
+            w = torch.stack([weights[k].detach() for k in group])
             units = g.shape[1] if g.dim() > 2 else 1  # rows of a weight; a bias is one unit
             g_norm = torch.linalg.vector_norm(g.reshape(len(group), units, -1), dim=2, keepdim=True, dtype=_F32)
             w_norm = torch.linalg.vector_norm(w.reshape(len(group), units, -1), dim=2, keepdim=True, dtype=_F32)
-            coef = (w_norm.clamp_min(clip.eps) * clip.clipping / g_norm.clamp_min(1e-6)).clamp_max(1.0)
+            coef = _agc_coef(clip, g_norm if inv is None else g_norm * inv, w_norm)
             dims = g.dim() - 1  # of each parameter; the coefficient broadcasts over the fan-in
             shaped = coef.reshape(len(group), *((units,) + (1,) * (dims - 1) if dims else ()))
             torch._foreach_mul_(gs, list(shaped.to(g.dtype).unbind(0)))
             coefs.append(coef.reshape(-1))
+        for shard_group, group in layout.spread:
+            gs, ws = [tensors[k] for k in group], [weights[k].detach() for k in group]
+            sq = torch.stack(
+                (torch.stack(torch._foreach_norm(gs, 2.0, dtype=_F32)), torch.stack(torch._foreach_norm(ws, 2.0, dtype=_F32)))
+            ).square()
+            import torch.distributed as dist
+
+            # Every rank holds the same spread positions (same model), so the collectives match.
+            dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=shard_group)
+            g_norm, w_norm = sq.sqrt().unbind(0)
+            coef = _agc_coef(clip, g_norm if inv is None else g_norm * inv, w_norm)
+            torch._foreach_mul_(gs, list(coef.to(gs[0].dtype).unbind(0)))
+            coefs.append(coef)
+        if layout.joint is not None and clip.exclude_max_norm is not None:
+            norm = torch.linalg.vector_norm(grads.norms().index_select(0, layout.joint), 2.0)
+            joint = torch.clamp(clip.exclude_max_norm / (norm + 1e-6), max=1.0)
+            torch._foreach_mul_([tensors[k] for k in layout.joint_positions], joint.to(tensors[0].dtype))
+            coefs.append(joint.reshape(1))
     if not coefs:
         one = grads.norms().new_ones(())
         ctx.record(AGC_RECORD, one.new_zeros(2))

@@ -55,6 +55,7 @@ from gradwatch import (
     anatomy,
     hookimpl,
 )
+from gradwatch.kit import exp as _exp
 from gradwatch.kit import num, plugin_options, profile, times
 
 _DEFAULTS = {"depth_gain": 100.0, "info_gain": 10.0, "layer_tol": 1.25}
@@ -89,7 +90,9 @@ def gradwatch_attach(model: ModelInfo, ctx: StepContext) -> None:
     named = [(n, m.weight) for n, m in model.model.named_modules() if isinstance(m, anatomy.INIT_TYPES)]
     if named:
         with torch.no_grad():
-            stds = torch.stack([w.detach().float().std().cpu() for _, w in named]).tolist()
+            stds = torch.stack(
+                [(w.full_tensor() if hasattr(w, "full_tensor") else w).detach().float().std().cpu() for _, w in named]
+            ).tolist()
         ctx.stash[KEY].stds = dict(zip((n for n, _ in named), stds))
 
 
@@ -128,7 +131,7 @@ def gradwatch_diagnose(window: StatsWindow, model: ModelInfo, ctx: StepContext) 
     depth_gain = prediction.gain
     severity = Severity.WARNING if abs(log_gain) >= math.log(state.depth_gain) else Severity.INFO
     scheme = Counter(s.scheme for s in off).most_common(1)[0][0]
-    mean_gain = math.exp(sum(math.log(s.gain) for s in off) / len(off))
+    mean_gain = _exp(sum(math.log(s.gain) for s in off) / len(off))
     acts = sorted({s.activation for s in off})
     n = len(prediction.layers)
     if prediction.branches:

@@ -137,8 +137,9 @@ def gradwatch_diagnose(window: StatsWindow, model: ModelInfo, ctx: StepContext) 
         gamma = max(finite)
         max_derivative = 1.0  # tanh′(0) = 1 and relu′ = 1 on its active side
         gain = gamma * max_derivative
-        log_bound = seq_len * math.log(gain) if gain > 0 else -math.inf
-        bound = math.inf if log_bound > 700 else math.exp(log_bound)  # no OverflowError
+        # (γ·max σ′)^T in log space: γ = 3 over T = 1000 steps is 1e477, past any float (issue 12).
+        log_bound = log_power(gain, seq_len)
+        bound = from_log(log_bound)
         # Steps over which the bound stays above 1e-3: how far back the RNN can learn.
         start = state.initial_gain.get(name, math.nan)
         horizon = math.log(1e-3) / math.log(gain) if 0 < gain < 1 else math.inf
@@ -151,6 +152,7 @@ def gradwatch_diagnose(window: StatsWindow, model: ModelInfo, ctx: StepContext) 
             "gain": gain,
             "seq_len": seq_len,
             "bound": bound,
+            "log10_bound": log_bound / math.log(10) if math.isfinite(log_bound) else log_bound,
             "horizon": horizon if math.isfinite(horizon) else None,
             "threshold": state.vanish_bound if gain < 1 else state.explode_gain,
             "initial_gain": start if math.isfinite(start) else None,
@@ -161,14 +163,14 @@ def gradwatch_diagnose(window: StatsWindow, model: ModelInfo, ctx: StepContext) 
                 Diagnosis(
                     kind="vanishing",
                     severity=Severity.WARNING,
-                    step=0 if start > 0 and seq_len * math.log(start) < math.log(state.vanish_bound) else window.first_step,
+                    step=0 if log_power(start, seq_len) < math.log(state.vanish_bound) else window.first_step,
                     layers=(name,),
                     message=(
-                        f"gradients through time vanish in {name!r}: recurrent spectral radius {gamma:.3g} "
-                        f"bounds a gradient over the {seq_len} steps seen by {bound:.2e} "
-                        f"(it cannot learn dependencies beyond about {horizon:.0f} steps)"
+                        f"gradients through time vanish in {name!r}: recurrent spectral radius {num(gamma)} "
+                        f"bounds a gradient over the {seq_len} steps seen by {_power_text(log_bound)} "
+                        f"(it cannot learn dependencies beyond about {num(horizon)} steps)"
                     ),
-                    summary=f"gradient bound (γ·max σ′)^T = {num(bound)} over T = {seq_len} steps (γ·max σ′ = {num(gain)})",
+                    summary=f"gradient bound (γ·max σ′)^T = {_power_text(log_bound)} over T = {seq_len} steps (γ·max σ′ = {num(gain)})",
                     evidence=evidence,
                     source="recurrent",
                 )
@@ -182,8 +184,8 @@ def gradwatch_diagnose(window: StatsWindow, model: ModelInfo, ctx: StepContext) 
                     step=0 if start > state.explode_gain else window.first_step,
                     layers=(name,),
                     message=(
-                        f"gradients through time can explode in {name!r}: recurrent spectral radius {gamma:.3g} "
-                        f"(γ·max σ′ = {gain:.3g} > 1) allows growth up to {_fmt(bound)}× over {seq_len} steps"
+                        f"gradients through time can explode in {name!r}: recurrent spectral radius {num(gamma)} "
+                        f"(γ·max σ′ = {num(gain)} > 1) allows growth up to {_power_text(log_bound)}× over {seq_len} steps"
                     ),
                     summary=f"recurrent γ·max σ′ = {num(gain)} over T = {seq_len} steps",
                     evidence=evidence,
@@ -218,9 +220,11 @@ def _gate_note(name: str, module: nn.RNNBase, state: RecurrentState, window: Sta
         return None
     seq_len = state.seq_len[name]
     b = min(biases.values())
-    keep = (1.0 / (1.0 + math.exp(-b))) ** seq_len
-    if keep >= state.vanish_bound:
+    # σ(b)^T in log space: a bias of -800 (a diverged run) overflows exp(-b) (issue 12).
+    log_keep = seq_len * log_sigmoid(b)
+    if not log_keep < math.log(state.vanish_bound):  # also False for a NaN bias: nothing to say
         return None
+    keep = from_log(log_keep)
     gate = "forget" if isinstance(module, nn.LSTM) else "update (z)"
     return Diagnosis(
         kind="forget_gate",
@@ -228,23 +232,55 @@ def _gate_note(name: str, module: nn.RNNBase, state: RecurrentState, window: Sta
         step=window.first_step,
         layers=(name,),
         message=(
-            f"the {gate} gate bias of {name!r} averages {b:.2g}, so at zero input a cell keeps σ({b:.2g})^{seq_len} = "
-            f"{keep:.1e} of its memory over the {seq_len} steps seen; a larger bias keeps long-range gradients"
+            f"the {gate} gate bias of {name!r} averages {num(b)}, so at zero input a cell keeps σ({num(b)})^{seq_len} = "
+            f"{_power_text(log_keep)} of its memory over the {seq_len} steps seen; a larger bias keeps long-range gradients"
         ),
+        summary=f"σ(forget bias)^T = {_power_text(log_keep)} over T = {seq_len} steps",
         evidence={
             "recurrent": True,
             "module_type": type(module).__name__,
             "gate_bias": biases,
             "seq_len": seq_len,
             "keep": keep,
+            "log10_keep": log_keep / math.log(10),
             "threshold": state.vanish_bound,
         },
         source="recurrent",
     )
 
 
-def _fmt(value: float) -> str:
-    return f"{value:.2e}" if math.isfinite(value) else "inf"
+def log_power(base: float, exponent: int) -> float:
+    """``log(base ** exponent)`` for ``base >= 0``, never overflowing: ``-inf`` for a zero
+    base, NaN for a NaN or negative one."""
+    if not base >= 0:
+        return math.nan
+    return exponent * math.log(base) if base > 0 else -math.inf
+
+
+def log_sigmoid(x: float) -> float:
+    """``log σ(x)``, stable for any float: ``x - log1p(e^x)`` below 0, ``-log1p(e^-x)`` above."""
+    if math.isnan(x):
+        return math.nan
+    if x == -math.inf:
+        return -math.inf
+    return x - math.log1p(math.exp(x)) if x < 0 else -math.log1p(math.exp(-x))
+
+
+def from_log(value: float) -> float:
+    """``e^value`` as a float: ``inf`` past the float range, 0 below it (no OverflowError)."""
+    if math.isnan(value):
+        return math.nan
+    return math.inf if value > 709.0 else math.exp(value)
+
+
+def _power_text(log_value: float) -> str:
+    """A power written from its log: ``num()`` within the float range, ``1e+477`` past it."""
+    value = from_log(log_value)
+    if value == 0.0 or math.isinf(value):
+        if not math.isfinite(log_value):
+            return num(value)
+        return f"1e{log_value / math.log(10):+.0f}"
+    return num(value)
 
 
 @hookimpl

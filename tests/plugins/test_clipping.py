@@ -222,7 +222,7 @@ def test_zclip_equals_paper_reference():
         expected.append(n * (g / (n + 1e-6)) if g < n else n)
         mu = alpha * mu + (1 - alpha) * g
         var = alpha * var + (1 - alpha) * (g - mu) ** 2
-    after, _ = _replay("zclip", norms)
+    after, _ = _replay(ZClip(warmup_max_norm=None), norms)  # the paper's warm-up clips nothing
     np.testing.assert_allclose(after, expected, rtol=1e-5)
     # Step 8 is in warm-up; its spike widens the warm-up variance, so the x12 step 30 passes.
     assert 8 not in clipped_steps and 30 not in clipped_steps and {31, 45} <= set(clipped_steps)
@@ -242,8 +242,39 @@ def test_zclip_agrees_with_the_authors_package():
             p.grad = d * (n / total)
         theirs.step(model)
         expected.append(math.sqrt(sum(float(p.grad.double().square().sum()) for p in model.parameters())))
-    after, _ = _replay(ZClip(), norms)
+    after, _ = _replay(ZClip(warmup_max_norm=None), norms)
     np.testing.assert_allclose(after, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("ours", "package_max"), [(ZClip(max_norm=1.0), 1.0), (ZClip(), "warm-up")])
+def test_zclip_defaults_clip_warmup_like_the_authors_package(ours, package_max):
+    """The package's default max_grad_norm=1.0 clips during warm-up (and after it); ZClip()
+    clips warm-up at warmup_max_norm=1.0 the same way, then follows the paper."""
+    zclip_pkg = pytest.importorskip("zclip")
+    norms = _spiky_norms()
+    model = nn.Linear(4, 3)
+    g = torch.Generator().manual_seed(0)
+    dirs = [torch.randn(p.shape, generator=g) for p in model.parameters()]
+    total = math.sqrt(sum(float(d.square().sum()) for d in dirs))
+    theirs = zclip_pkg.ZClip(max_grad_norm=1.0) if package_max == 1.0 else None
+    paper = zclip_pkg.ZClip(max_grad_norm=None)
+    expected = []
+    for step, n in enumerate(norms):
+        for p, d in zip(model.parameters(), dirs):
+            p.grad = d * (n / total)
+        if theirs is not None:
+            theirs.step(model)
+        elif step < 25:  # warm-up: the package's fixed cap; its statistics see the norm before clipping
+            paper.step(model)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        else:
+            paper.step(model)
+        expected.append(math.sqrt(sum(float(p.grad.double().square().sum()) for p in model.parameters())))
+    after, thresholds = _replay(ours, norms)
+    np.testing.assert_allclose(after, expected, rtol=1e-5)
+    assert max(after[:25]) <= 1.0 + 1e-5 and thresholds[:25] == [1.0] * 25
+    if package_max == "warm-up":
+        assert max(after[25:]) > 1.0  # after warm-up, only the z-score clips (the paper's method)
 
 
 def _spiky_batches(every: int = 20, scale: float = 100.0):
@@ -301,7 +332,7 @@ def test_agc_equals_unitwise_reference_and_skips_the_head(memory_format):
     model = residual_convnet().to(memory_format=memory_format)  # channels_last: non-contiguous rows
     ref = copy.deepcopy(model)
     x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(1)).to(memory_format=memory_format)
-    with _watch(model, clip="agc") as gw:
+    with _watch(model, clip=AGC(exclude_max_norm=None)) as gw:  # the paper's AGC: the head unclipped
         for m in (model, ref):
             m(x).square().mean().backward()
         head = gw.model_info.layers[-1].name
@@ -315,6 +346,54 @@ def test_agc_equals_unitwise_reference_and_skips_the_head(memory_format):
     clipped, units = gw.history.extras["clipping.agc"].values[0].tolist()
     assert 0 < clipped <= units
     assert [a.kind for a in gw.actions] == ["clip"]
+
+
+@pytest.mark.parametrize("cap", [1.0, 0.01])
+def test_agc_clips_the_excluded_head_by_its_own_norm(cap):
+    model = residual_convnet()
+    ref = copy.deepcopy(model)
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with _watch(model, clip=AGC(exclude_max_norm=cap)) as gw:
+        for m in (model, ref):
+            (10 * m(x)).square().mean().backward()
+        head = ref.get_submodule("9")
+        # Reference: unit-wise AGC on every other layer; the head's weight and bias together by
+        # clip_grad_norm_ at the cap.
+        _agc_reference(ref, {"9"})
+        torch.nn.utils.clip_grad_norm_(head.parameters(), cap)
+        gw.step()
+    for (name, a), b in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-8, msg=name)
+    head_norm = math.sqrt(sum(float(p.grad.square().sum()) for p in model.get_submodule("9").parameters()))
+    assert head_norm <= cap * (1 + 1e-5)
+
+
+def _tanh_mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for d in (16, 32, 32, 32):
+        layers += [nn.Linear(d, 32), nn.Tanh()]
+    return nn.Sequential(*layers, nn.Linear(32, 1))
+
+
+@pytest.mark.parametrize("clip", [None, "zclip", "autoclip", "agc", 1.0])
+def test_tanh_mlp_at_lr_10_stays_finite_under_every_adaptive_mode(clip):
+    """Issue 12: SGD at lr 10 on a 4-layer tanh MLP reached NaN at step 7 under "zclip" (no
+    clipping during its warm-up) and at step 15 under "agc" (the unclipped head)."""
+    model = _tanh_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=10.0)
+    g = torch.Generator().manual_seed(1)
+    losses = []
+    with _watch(model, opt, clip=clip):
+        for _ in range(60):
+            x, y = torch.randn(32, 16, generator=g), torch.randn(32, 1, generator=g)
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.detach())
+    finite = bool(torch.isfinite(torch.stack(losses)).all())
+    assert finite == (clip is not None)
 
 
 # ---------------------------------------------------------------------- AMP and accumulation

@@ -214,3 +214,87 @@ def test_two_watchers_keep_their_own_state():
                 opt.zero_grad()
     assert [(d.kind, d.evidence["seq_len"]) for d in _from(a)] == [("vanishing", 30)]  # 0.5^30 = 9e-10 < 1e-6
     assert [(d.kind, d.evidence["threshold"]) for d in _from(b)] == [("forget_gate", 1e-3)]
+
+
+# ---------------------------------------------------------------------- extreme values (issue 12.3)
+
+from gradwatch.plugins.recurrent import from_log, log_power, log_sigmoid  # noqa: E402
+
+
+@pytest.mark.parametrize("x", [-1e30, -800.0, -30.0, -1e-30, 0.0, 1e-30, 30.0, 800.0, 1e30, math.inf, -math.inf])
+def test_log_sigmoid_is_finite_where_sigmoid_is_and_never_raises(x):
+    expected = torch.nn.functional.logsigmoid(torch.tensor(x, dtype=torch.float64)).item()
+    assert log_sigmoid(x) == pytest.approx(expected, rel=1e-12, abs=1e-300)
+    assert math.isnan(log_sigmoid(math.nan))
+
+
+@pytest.mark.parametrize(
+    ("base", "exponent", "expected"),
+    [
+        (3.0, 1000, 1000 * math.log(3.0)),
+        (0.0, 5, -math.inf),
+        (1e-30, 10**6, 10**6 * math.log(1e-30)),
+        (1e30, 50, 50 * math.log(1e30)),
+    ],
+)
+def test_log_power_never_overflows(base, exponent, expected):
+    assert log_power(base, exponent) == pytest.approx(expected)
+    assert math.isnan(log_power(math.nan, 3)) and math.isnan(log_power(-1.0, 3))
+    assert from_log(1e6) == math.inf and from_log(-1e6) == 0.0 and math.isnan(from_log(math.nan))
+
+
+def _lm(ntoken: int = 100, d: int = 16) -> nn.Module:
+    class LM(nn.Module):  # pytorch/examples word_language_model: embedding -> 2-layer LSTM -> decoder
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.encoder = nn.Embedding(ntoken, d)
+            self.rnn = nn.LSTM(d, d, 2)
+            self.decoder = nn.Linear(d, ntoken)
+
+        def forward(self, x):
+            return self.decoder(self.rnn(self.encoder(x))[0])
+
+    return LM()
+
+
+@pytest.mark.parametrize("bias", [-1e30, -800.0, 800.0, math.inf, -math.inf, math.nan])
+def test_word_language_model_at_lr_20_with_diverged_gate_biases(bias):
+    """The LSTM language model at SGD lr 20 without clipping once raised "OverflowError: math
+    range error" in gradwatch_diagnose (a forget bias far below -709 made exp(-b) overflow)."""
+    model = _lm()
+    opt = torch.optim.SGD(model.parameters(), lr=20.0)
+    g = torch.Generator().manual_seed(0)
+    with gradwatch.watch(model, opt, strict=True, autoload=False, report_every=4, console=Console(file=io.StringIO())) as gw:
+        for step in range(12):
+            if step == 6:  # as a diverged run leaves them
+                with torch.no_grad():
+                    for name, p in model.rnn.named_parameters():
+                        if name.startswith("bias"):
+                            p[16:32] = bias
+            x = torch.randint(0, 100, (35, 4), generator=g)
+            out = model(x)
+            nn.functional.cross_entropy(out.reshape(-1, 100), torch.roll(x, -1, 0).reshape(-1)).backward()
+            opt.step()
+            opt.zero_grad()
+    notes = [d for d in _from(gw) if d.kind == "forget_gate"]
+    assert len(notes) <= 1
+    for d in notes:
+        assert "nan" not in d.message.lower() or math.isnan(bias)
+        assert 0.0 <= d.evidence["keep"] <= 1.0
+
+
+@pytest.mark.parametrize(("radius", "seq_len"), [(1e-30, 100), (0.9, 100_000), (3.0, 2000), (1e30, 100)])
+def test_vanilla_rnn_bounds_far_beyond_the_float_range(radius, seq_len):
+    model = vanilla_rnn(radius=0.5, d_in=2, hidden=4)
+    with torch.no_grad():
+        model.rnn.weight_hh_l0.copy_(torch.eye(4) * radius)
+    with gradwatch.watch(model, strict=True, autoload=False, console=Console(file=io.StringIO())) as gw:
+        model(torch.randn(1, min(seq_len, 50), 2)).sum().backward()
+        gw.step()
+        gw.stash[gradwatch.plugins.recurrent.KEY].seq_len["rnn"] = seq_len  # as if such sequences ran
+    (d,) = _from(gw)
+    log10 = seq_len * math.log10(float(torch.tensor(radius, dtype=torch.float32)))  # γ of the float32 weight
+    assert d.evidence["log10_bound"] == pytest.approx(log10, rel=1e-9)
+    if abs(log10) > 308:  # past the float range: the message writes the power of ten
+        assert f"1e{log10:+.0f}" in d.message
