@@ -39,7 +39,7 @@ conv net with BatchNorm, where a channel sums over positions), and the largest m
 per-batch fraction over 7 sampled steps 0.71 (the same net, batches of 8). A 6-layer MLP
 with one hidden layer's bias at -4 (83-98% of its units zero on each batch of 32) has
 0.73-0.92 of them zero on all of 7 sampled batches and a mean per-batch fraction of
-0.89-0.99; at -3.5, 0.69-0.83 and 0.82-0.97.
+0.89-1.0; at -3.5, 0.69-0.83 and 0.82-0.98.
 
 Options (``options={"activations": {...}}``): ``dead`` (0.85: mean per-batch fraction that
 condemns a layer; AUTOTRAINER uses 0.7 of zero gradients), ``persistent`` (0.7: fraction of
