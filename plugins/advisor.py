@@ -1105,7 +1105,7 @@ def _lower_lr(d: Diagnosis, run: Run, *, force: bool = False) -> Remedy | None:
         divide = min(max(10.0 ** round(math.log10(raw)), 10.0), MAX_LR_DIVISOR)
         at_least = raw > MAX_LR_DIVISOR
         of = f" of {layer!r}" if layer else ""
-        over = f" (median over its {rows} sampled steps)" if rows else ""
+        over = (f" (median over its {rows} sampled steps)" if rows > 1 else " (on one sampled step)") if rows else ""
         why = f"the update/weight ratio ‖Δw‖/‖w‖{of} was {num(ratio)}{over}, {times(raw)} the ~{num(target)} of a healthy step"
         if at_least:
             why += (

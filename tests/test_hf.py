@@ -435,7 +435,9 @@ def test_diverging_run_is_diagnosed_with_remedies_and_logged(tmp_path: Path, cap
     kinds = {d.kind for d in cb.diagnoses}
     assert kinds & {"exploding", "nonfinite"}, cb.diagnoses
     for d in cb.diagnoses:
-        assert d.severity is Severity.ERROR and {"clipping", "lower_lr"} <= {r.kind for r in d.remedies}
+        # Updates that dwarf the weights get a lower rate; the norms' growth and NaN get clipping too.
+        expected = {"lower_lr"} if d.kind == "update_scale" else {"clipping", "lower_lr"}
+        assert d.severity is Severity.ERROR and expected <= {r.kind for r in d.remedies}
     last_train, summary = trainer.state.log_history[-2:]
     assert last_train["step"] == 40 and "train_runtime" in summary
     for kind in kinds:

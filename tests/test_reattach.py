@@ -47,6 +47,7 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[], Iterator[Any]], dic
     "vanishing": (sigmoid_mlp, regression_batches, {}),
     "exploding": (lambda: relu_mlp(depth=4), regression_batches, {"lr": 0.5}),
     "activations": (_relu6, regression_batches, {}),
+    "updates": (lambda: relu_mlp(depth=4), regression_batches, {"lr": 0.5}),
     "recurrent": (lambda: vanilla_rnn(radius=0.5), _recurrent_batches, {}),
     "init": (lambda: relu_mlp(depth=12, init="lecun"), regression_batches, {}),
     "advisor": (sigmoid_mlp, regression_batches, {}),
