@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import torch.distributed as dist
 
-__all__ = ["global_rank", "world_size", "is_rank_zero", "rank_zero_only", "distributed_ready"]
+__all__ = ["global_rank", "world_size", "is_rank_zero", "rank_zero_only", "distributed_ready", "reduce_max"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -57,3 +57,14 @@ def rank_zero_only(fn: F) -> F:
         return None
 
     return wrapped  # type: ignore[return-value]
+
+
+def reduce_max(values: list[float], device: Any) -> list[float]:
+    """The element-wise maximum of ``values`` over every rank (a collective: every rank
+    calls it at the same point); ``device`` is where the tensor lives (the gradients'
+    device, which the backend can reduce)."""
+    import torch
+
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()

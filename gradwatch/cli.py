@@ -110,8 +110,11 @@ def _span(log: RunLog) -> FlowSpan | None:
 
 
 def _cadence(log: RunLog) -> str | None:
-    """The cadence description the run log's header carries, if the writer recorded one."""
-    cadence = log.header.get("cadence", log.header.get("config", {}).get("cadence"))
+    """The cadence the run log records (its ``end`` record's, else its header's), as the
+    console printed it; ``None`` for an explicit cadence or a log without one."""
+    cadence = (log.end or {}).get("cadence") or log.header.get("cadence")
+    if isinstance(cadence, Mapping) and "auto" not in (cadence.get("stats_every"), cadence.get("sample_every")):
+        return None
     if isinstance(cadence, Mapping):
         cadence = cadence.get("description")
     return str(cadence) if cadence else None

@@ -19,13 +19,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from gradwatch.cadence import AUTO
 from gradwatch.types import GradWatchError
 
-__all__ = ["WatchConfig", "DEFAULT_SAMPLE_EVERY"]
-
-#: Steps between sampled work when ``sample_every`` is not given (rounded up to a
-#: multiple of ``stats_every``).
-DEFAULT_SAMPLE_EVERY = 40
+__all__ = ["WatchConfig"]
 
 
 def _option(default: Any = dataclasses.MISSING, *, doc: str, factory: Any = dataclasses.MISSING) -> Any:
@@ -45,16 +42,19 @@ class WatchConfig:
     """
 
     report_every: int = _option(100, doc="Optimizer steps between host reads of the statistics, diagnoses and reports.")
-    stats_every: int = _option(
-        4,
-        doc="Optimizer steps between gradient statistics (1 reads every gradient on every step, about one memory "
-        "pass over the gradients; the default 4 keeps the overhead within 3% on a CPU MLP and sees a condition at "
-        "most 3 steps late).",
+    stats_every: int | str = _option(
+        "auto",
+        doc='Optimizer steps between gradient statistics, or ``"auto"`` (the default): every step for the first 32 '
+        "steps, then as often as 1% of the measured step (or 50 µs a step) allows, chosen once at step 32 and "
+        "stated in the report and the run log (:mod:`gradwatch.cadence`). 1 reads every gradient on every step "
+        "(about one memory pass over the gradients).",
     )
-    sample_every: int = _option(
-        None,
-        doc=f"Steps between sampled work: forward activation probes, weight norms and the update/weight ratio. "
-        f"A multiple of ``stats_every`` (default: {DEFAULT_SAMPLE_EVERY}, rounded up to one).",
+    sample_every: int | str = _option(
+        "auto",
+        doc="Steps between sampled work: forward activation probes, per-module non-finite checks, weight norms and "
+        'the update/weight ratio; ``"auto"`` (the default): steps 0, 1, 2, 4, 8, 16, then every 32 steps or more, '
+        "as the measured cost allows. A sampled step also reads statistics; two integers must divide "
+        "(``sample_every`` a multiple of ``stats_every``).",
     )
     clip: Any = _option(
         None,
@@ -90,13 +90,14 @@ class WatchConfig:
     )
 
     def __post_init__(self) -> None:
-        for name in ("report_every", "stats_every", "history_size"):
+        for name in ("report_every", "history_size"):
             _positive_int(name, getattr(self, name))
-        if self.sample_every is None:
-            # The first multiple of stats_every from DEFAULT_SAMPLE_EVERY steps on.
-            _set(self, "sample_every", -(-DEFAULT_SAMPLE_EVERY // self.stats_every) * self.stats_every)
-        _positive_int("sample_every", self.sample_every)
-        if self.sample_every % self.stats_every:
+        for name in ("stats_every", "sample_every"):
+            if getattr(self, name) is None:
+                _set(self, name, AUTO)
+            if getattr(self, name) != AUTO:
+                _positive_int(name, getattr(self, name), auto=True)
+        if AUTO not in (self.stats_every, self.sample_every) and self.sample_every % self.stats_every:
             raise GradWatchError(
                 f"sample_every={self.sample_every} must be a multiple of stats_every={self.stats_every}, "
                 "so that sampled steps also read gradients; "
@@ -179,9 +180,10 @@ def _set(config: WatchConfig, name: str, value: Any) -> None:
     object.__setattr__(config, name, value)
 
 
-def _positive_int(name: str, value: Any) -> None:
+def _positive_int(name: str, value: Any, *, auto: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise GradWatchError(f"{name} must be a positive integer of optimizer steps, got {value!r}")
+        alternative = ' or "auto"' if auto else ""
+        raise GradWatchError(f"{name} must be a positive integer of optimizer steps{alternative}, got {value!r}")
 
 
 def _plugin_options(options: Any) -> dict[str, dict[str, Any]]:

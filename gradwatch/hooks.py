@@ -4,8 +4,9 @@
   weakly (a watcher dropped without ``detach()`` can still be collected), and a deep copy or
   a pickle of an attached model gets an inert function instead of a copy of the watcher.
 * :class:`Probes` holds the module hooks plugins register through ``ctx.probes``: sampled
-  ones are installed only for the forwards of sampled steps; permanent ones for every
-  forward. The watcher removes them all on detach.
+  ones are installed only for the forwards of sampled steps, scheduled ones for the steps
+  their schedule names; permanent ones for every forward. The watcher removes them all on
+  detach.
 """
 
 from __future__ import annotations
@@ -61,51 +62,78 @@ def _inert_factory() -> Callable[..., None]:
 class Probes:
     """Module hooks registered by plugins through the watcher, so detach removes them.
 
-    Sampled hooks are installed only for the forward passes of sampled steps (every
-    ``sample_every`` steps) and removed when the step closes, so other steps pay nothing.
+    Sampled hooks are installed only for the forward passes of sampled steps and removed
+    when the step closes, so other steps pay nothing. ``sampled`` may also be a schedule,
+    ``f(step) -> bool`` (the non-finite checks of the dense start): its hooks are installed
+    for the steps it names. Hooks sharing one schedule object are installed together, so
+    the watcher asks each schedule once a step, not once a hook.
     """
 
     def __init__(self, watcher: Watcher) -> None:
         self._watcher = weakref.ref(watcher)
-        self._sampled: list[tuple[nn.Module, str, Callable[..., Any], dict[str, Any]]] = []
+        # schedule (None: the sampled steps) -> its hooks
+        self._scheduled: dict[Callable[[int], bool] | None, list[tuple[nn.Module, str, Callable[..., Any], dict[str, Any]]]] = {}
         self._installed: list[RemovableHandle] = []
+        self._step: int | None = None
         self.permanent: list[RemovableHandle] = []
 
-    def forward_hook(self, module: nn.Module, fn: Callable[..., Any], *, sampled: bool = True, **kwargs: Any) -> None:
+    def forward_hook(
+        self, module: nn.Module, fn: Callable[..., Any], *, sampled: bool | Callable[[int], bool] = True, **kwargs: Any
+    ) -> None:
         """Register ``fn`` as a forward hook of ``module`` (``kwargs`` as for
-        ``nn.Module.register_forward_hook``)."""
+        ``nn.Module.register_forward_hook``): on sampled steps (``sampled=True``), on every
+        forward (``False``), or on the steps a schedule ``f(step) -> bool`` names."""
         self._add(module, "register_forward_hook", fn, sampled, kwargs)
 
-    def forward_pre_hook(self, module: nn.Module, fn: Callable[..., Any], *, sampled: bool = True, **kwargs: Any) -> None:
-        """Register ``fn`` as a forward pre-hook of ``module``."""
+    def forward_pre_hook(
+        self, module: nn.Module, fn: Callable[..., Any], *, sampled: bool | Callable[[int], bool] = True, **kwargs: Any
+    ) -> None:
+        """Register ``fn`` as a forward pre-hook of ``module`` (``sampled`` as for :meth:`forward_hook`)."""
         self._add(module, "register_forward_pre_hook", fn, sampled, kwargs)
 
     def add_handle(self, handle: RemovableHandle) -> None:
         """Keep any other removable handle (a tensor hook, say) to remove on detach."""
         self.permanent.append(handle)
 
-    def _add(self, module: nn.Module, method: str, fn: Callable[..., Any], sampled: bool, kwargs: dict[str, Any]) -> None:
+    def _add(
+        self,
+        module: nn.Module,
+        method: str,
+        fn: Callable[..., Any],
+        sampled: bool | Callable[[int], bool],
+        kwargs: dict[str, Any],
+    ) -> None:
         fn = Hook(fn)
-        if sampled:
-            self._sampled.append((module, method, fn, kwargs))
-            watcher = self._watcher()
-            if watcher is not None and watcher.probing:
-                self._installed.append(getattr(module, method)(fn, **kwargs))
-        else:
+        if sampled is False:
             self.permanent.append(getattr(module, method)(fn, **kwargs))
+            return
+        schedule = None if sampled is True else sampled
+        self._scheduled.setdefault(schedule, []).append((module, method, fn, kwargs))
+        if self._step is not None and self._due(schedule, self._step):
+            self._installed.append(getattr(module, method)(fn, **kwargs))
+
+    def _due(self, schedule: Callable[[int], bool] | None, step: int) -> bool:
+        if schedule is not None:
+            return bool(schedule(step))
+        watcher = self._watcher()
+        return watcher is not None and watcher.probing
 
     @property
     def has_sampled(self) -> bool:
-        """Whether any plugin registered a sampled hook."""
-        return bool(self._sampled)
+        """Whether any plugin registered a sampled or scheduled hook."""
+        return any(self._scheduled.values())
 
     @property
     def installed(self) -> bool:
         return bool(self._installed)
 
-    def install(self) -> None:
+    def install(self, step: int) -> None:
+        """Install the hooks due at ``step`` (the sampled ones when the watcher is probing)."""
+        self._step = step
         if not self._installed:
-            self._installed = [getattr(m, method)(fn, **kw) for m, method, fn, kw in self._sampled]
+            for schedule, hooks in self._scheduled.items():
+                if self._due(schedule, step):
+                    self._installed += [getattr(m, method)(fn, **kw) for m, method, fn, kw in hooks]
 
     def uninstall(self) -> None:
         for handle in self._installed:
@@ -117,7 +145,8 @@ class Probes:
         for handle in self.permanent:
             handle.remove()
         self.permanent = []
-        self._sampled = []
+        self._scheduled = {}
+        self._step = None
 
 
 def remove_all(handles: list[RemovableHandle]) -> None:

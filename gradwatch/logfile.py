@@ -101,8 +101,21 @@ def number(value: float) -> float | str | None:
     return float(f"{value:.7g}")
 
 
+def cadence_record(report: Report) -> dict[str, Any] | None:
+    """The cadence of ``report``'s watch as JSON (``description``: the line the console
+    prints), or ``None``."""
+    cadence = report.cadence
+    if cadence is None:
+        return None
+    out = cadence.to_dict()
+    out["description"] = out.pop("describe")
+    return out
+
+
 def header_record(report: Report, config: WatchConfig) -> dict[str, Any]:
-    """The ``header`` record: schema, version, time, the layers of ``report`` and the cadence of ``config``."""
+    """The ``header`` record: schema, version, time, the layers of ``report``, the options of
+    ``config`` and the cadence (as known at the first report; the ``end`` record has the
+    final one)."""
     return {
         "type": "header",
         "schema": SCHEMA_VERSION,
@@ -116,6 +129,7 @@ def header_record(report: Report, config: WatchConfig) -> dict[str, Any]:
             "clip": config.clip if config.clip is None or isinstance(config.clip, (int, float, str)) else repr(config.clip),
             "on_nonfinite": config.on_nonfinite,
         },
+        "cadence": cadence_record(report),
     }
 
 
@@ -172,9 +186,20 @@ def resume_record(step: int) -> dict[str, Any]:
     }
 
 
-def end_record(step: int, *, diagnoses: int, actions: int, summary: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """The ``end`` record: the last step, the run's diagnosis and action counts, the final table rows."""
-    return {"type": "end", "step": step, "diagnoses": diagnoses, "actions": actions, "summary": list(summary)}
+def end_record(
+    step: int,
+    *,
+    diagnoses: int,
+    actions: int,
+    summary: Sequence[Mapping[str, Any]],
+    cadence: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The ``end`` record: the last step, the run's diagnosis and action counts, the final
+    table rows and the cadence the run had."""
+    record = {"type": "end", "step": step, "diagnoses": diagnoses, "actions": actions, "summary": list(summary)}
+    if cadence is not None:
+        record["cadence"] = dict(cadence)
+    return record
 
 
 def _version() -> str:

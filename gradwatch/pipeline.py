@@ -74,6 +74,7 @@ class Pipeline:
             final=final,
             history=self.history,
             request=request,
+            cadence=ctx.cadence,
         )
         if ctx.is_rank_zero:
             self.host.call("gradwatch_report", report=report, console=console, ctx=ctx)

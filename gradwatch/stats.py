@@ -22,10 +22,14 @@ from torch import nn
 
 from gradwatch.types import GradWatchError, ModelInfo, Series, StatsWindow
 
-__all__ = ["GradBatch", "History", "Plan", "StatsRing", "CORE_STATS", "LOSS_KEY", "RING_BYTES", "ring_rows"]
+__all__ = ["GradBatch", "History", "Plan", "StatsRing", "CORE_STATS", "LOSS_KEY", "RING_BYTES", "STEP_NORM_KEY", "ring_rows"]
 
 #: ``extras`` key of the recorded loss (``Watcher.observe_loss``).
 LOSS_KEY = "core.loss"
+#: ``extras`` key of the total gradient norm of the steps without statistics whose norms
+#: were read anyway (clipping reads them every step); ``History.step_norm`` merges it with
+#: the statistics steps' ``total_norm``.
+STEP_NORM_KEY = "core.step_norm"
 #: Rows of the per-step core statistics, in ring order.
 CORE_STATS = ("grad_norm", "grad_rms", "grad_max", "nonfinite", "present")
 
@@ -193,7 +197,9 @@ class GradBatch:
     """One step's final gradients, with per-tensor and per-layer reductions cached.
 
     Passed to ``gradwatch_collect`` and ``gradwatch_act``. Every method runs on device
-    and returns device tensors; nothing here reads a value on the host.
+    and returns device tensors; nothing here reads a value on the host. The watcher calls
+    those hooks under ``torch.no_grad()`` (the methods are not wrapped again: a context
+    manager per call cost more than the reductions of a small model).
     """
 
     __slots__ = ("plan", "_groups", "_norms", "_maxabs", "_layer_sq", "_index", "inv_scale")
@@ -251,6 +257,11 @@ class GradBatch:
     def __len__(self) -> int:
         return sum(len(grads) for _, grads in self._groups)
 
+    @property
+    def has_norms(self) -> bool:
+        """Whether this step's per-tensor norms were computed (statistics, clipping)."""
+        return self._norms is not None
+
     def _per_tensor(self, ord: float) -> torch.Tensor:
         parts = []
         for group, grads in self._groups:
@@ -287,21 +298,18 @@ class GradBatch:
         norms = parts[0] if len(parts) == 1 else torch.cat(parts)
         return norms if self.inv_scale is None else norms * self.inv_scale
 
-    @torch.no_grad()
     def norms(self) -> torch.Tensor:
         """float32 ``[P]``: L2 norm of each present gradient."""
         if self._norms is None:
             self._norms = self._per_tensor(2.0)
         return self._norms
 
-    @torch.no_grad()
     def maxabs(self) -> torch.Tensor:
         """float32 ``[P]``: max ``|g|`` of each present gradient (NaN if it holds a NaN)."""
         if self._maxabs is None:
             self._maxabs = self._per_tensor(math.inf)
         return self._maxabs
 
-    @torch.no_grad()
     def layer_sq(self) -> torch.Tensor:
         """float32 ``[L]``: sum of squared gradient entries per layer."""
         if self._layer_sq is None:
@@ -309,24 +317,20 @@ class GradBatch:
             self._layer_sq = sq.index_add_(0, self.layer_index, self.norms().square())
         return self._layer_sq
 
-    @torch.no_grad()
     def layer_norms(self) -> torch.Tensor:
         """float32 ``[L]``: L2 norm of each layer's gradient."""
         return self.layer_sq().sqrt()
 
-    @torch.no_grad()
     def total_norm(self) -> torch.Tensor:
         """float32 scalar: global L2 norm, computed as ``clip_grad_norm_`` does (norm of norms)."""
         return torch.linalg.vector_norm(self.norms(), 2.0)
 
-    @torch.no_grad()
     def mul_(self, coefficient: torch.Tensor) -> None:
         """Scale every present gradient (each rank's shards) in place by an on-device
         scalar (no host sync)."""
         for group, grads in self._groups:
             torch._foreach_mul_(grads, coefficient.to(group.device, non_blocking=True))
 
-    @torch.no_grad()
     def core_row(self) -> torch.Tensor:
         """float32 ``[len(CORE_STATS), L]``: this step's core statistics."""
         plan = self.plan
@@ -547,6 +551,19 @@ class History:
 
     def __len__(self) -> int:
         return int(self.steps.numel())
+
+    @property
+    def step_norm(self) -> Series:
+        """The total gradient norm of every step that read the norms, in step order: the
+        statistics steps' ``total_norm`` and, while clipping reads the norms every step,
+        the steps between them."""
+        series = self.extras.get(STEP_NORM_KEY)
+        if series is None:
+            return Series(self.steps, self.total_norm)
+        steps = torch.cat((self.steps, series.steps))
+        values = torch.cat((self.total_norm, series.values.reshape(-1)))
+        order = torch.argsort(steps, stable=True)
+        return Series(steps[order], values[order])
 
     @property
     def loss(self) -> Series:

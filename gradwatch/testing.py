@@ -232,10 +232,14 @@ def train(
     lr: float = 0.01,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     watcher: Any = None,
+    observe: bool = True,
+    callback: Callable[[int], None] | None = None,
 ) -> list[float]:
     """Train ``model`` for ``steps`` SGD steps; returns the losses (read once, at the end).
 
-    ``watcher`` (a :class:`gradwatch.Watcher`) is given each loss via ``observe_loss``.
+    ``watcher`` (a :class:`gradwatch.Watcher`) is given each loss via ``observe_loss``
+    unless ``observe=False`` (a loop that records nothing but the gradients).
+    ``callback(step)`` runs after each backward, before the update.
     """
     batches = batches if batches is not None else regression_batches()
     optimizer = optimizer if optimizer is not None else torch.optim.SGD(model.parameters(), lr=lr)
@@ -245,8 +249,10 @@ def train(
         x, y = next(batches)
         loss = loss_fn(model(x), y)
         loss.backward()
-        if watcher is not None:
+        if watcher is not None and observe:
             watcher.observe_loss(loss)
+        if callback is not None:
+            callback(len(losses))
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.detach())

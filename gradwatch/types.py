@@ -335,6 +335,8 @@ class StepContext:
         stash: Per-watch plugin state (see :class:`gradwatch.StashKey`).
         model: What gradwatch knows of the model.
         sampled: Whether this step is a sampled step (activation probes ran).
+        cadence: The watch's :class:`gradwatch.cadence.Cadence`: which steps read
+            statistics (``cadence.stats(step)``) and sample (``cadence.sampled(step)``).
         probes: Registers module hooks that the watcher removes on detach (see
             :class:`gradwatch.hooks.Probes`).
         recorder: Used by :meth:`record`; set in collect and act.
@@ -347,6 +349,7 @@ class StepContext:
     stash: Stash = field(repr=False, compare=False)
     model: ModelInfo = field(repr=False, compare=False)
     sampled: bool = False
+    cadence: Any = field(default=None, repr=False, compare=False)
     probes: Any = field(default=None, repr=False, compare=False)
     recorder: Callable[[str, torch.Tensor], None] | None = field(default=None, repr=False, compare=False)
 
@@ -382,6 +385,8 @@ class Report:
             end); for one asked for with :meth:`gradwatch.Watcher.report`, what was asked
             (``{"show_all": bool}``): a console reporter prints it now, whatever its
             cadence, with every diagnosis of the run so far.
+        cadence: The watch's :class:`gradwatch.cadence.Cadence` (``describe()`` says which
+            steps read statistics and why), or ``None``.
     """
 
     step: int
@@ -393,6 +398,7 @@ class Report:
     final: bool = False
     history: Any = field(default=None, repr=False, compare=False)
     request: Mapping[str, Any] | None = None
+    cadence: Any = field(default=None, repr=False, compare=False)
 
 
 def _jsonable(value: Any) -> Any:

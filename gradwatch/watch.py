@@ -31,13 +31,14 @@ from torch import nn
 
 from gradwatch import _rank
 from gradwatch.amp import AmpSkips
+from gradwatch.cadence import DENSE_STEPS, Cadence, now
 from gradwatch.config import WatchConfig
 from gradwatch.hooks import Hook, Probes, remove_all
 from gradwatch.layers import as_optimizers, check_optimizers, find_layers, unwrap_model
 from gradwatch.manager import PluginHost, first_line, plugin_manager
 from gradwatch.pipeline import Pipeline
 from gradwatch.stash import Stash
-from gradwatch.stats import LOSS_KEY, History, Plan, StatsRing, WeightSnapshot
+from gradwatch.stats import LOSS_KEY, STEP_NORM_KEY, History, Plan, StatsRing, WeightSnapshot
 from gradwatch.types import (
     Action,
     Diagnosis,
@@ -123,6 +124,10 @@ class Watcher:
         self.rank = _rank.global_rank()
         self._step = 0
         self._interval_start = 0
+        #: Which steps read statistics and sample (decided from cost when "auto").
+        self.cadence = Cadence(config.stats_every, config.sample_every)
+        self._boundary_at: float | None = None  # host time of the last step boundary
+        self._stats_seconds: float | None = None  # the last boundary's statistics pass
         self._attached = False
         self._broken: BaseException | None = None
         self._plan: Plan | None = None
@@ -387,6 +392,7 @@ class Watcher:
             model=self.model_info,
             history=self.history,
             request=request,
+            cadence=self.cadence,
         )
         ctx = self.context(step=step)
         if ctx.is_rank_zero:
@@ -426,7 +432,8 @@ class Watcher:
             "config": self.config,
             "stash": self.stash,
             "model": self.model_info,
-            "sampled": self._step % self.config.sample_every == 0,
+            "sampled": self.cadence.sampled(self._step),
+            "cadence": self.cadence,
             "probes": self.probes,
         }
         values.update(changes)
@@ -602,14 +609,25 @@ class Watcher:
         ring = self._ring
         assert ring is not None
         ctx = self.context(recorder=lambda key, value: ring.write_extra(step, key, value))
-        if step % self.config.stats_every == 0:
+        started = now()
+        stats = self.cadence.stats(step)
+        if stats:
             ring.write_core(step, batch)
             for extra in self.host.call("gradwatch_collect", grads=batch, ctx=ctx):
                 for key, value in (extra or {}).items():
                     ring.write_extra(step, key, value)
+        passed = now()
         self.host.call("gradwatch_act", grads=batch, ctx=ctx)
-        if step % self.config.sample_every == 0:
+        if not stats and batch.has_norms:
+            # Clipping read every gradient norm on a step without statistics: its total feeds
+            # the detectors (history.step_norm), with no second pass.
+            ring.write_extra(step, STEP_NORM_KEY, batch.total_norm())
+        if self.cadence.sampled(step):
             self._snapshot = WeightSnapshot(plan)
+        if self._boundary_at is not None and self.cadence.dense(step):
+            # The step before this one, boundary to boundary, less its statistics pass.
+            self.cadence.observe(step - 1, self._stats_seconds, started - self._boundary_at)
+        self._boundary_at, self._stats_seconds = started, (passed - started) if stats else None
 
     def _close(self) -> None:
         self._open = False
@@ -623,14 +641,17 @@ class Watcher:
         self._step += 1
         self.probes.uninstall()
         self.probing = False
+        if self._step >= DENSE_STEPS and self.cadence.auto and not self.cadence.decided:
+            device = self._plan.device if self._plan is not None else None
+            self.cadence.decide((lambda v: _rank.reduce_max(v, device)) if _rank.distributed_ready() else None)
         if self._step % self.config.report_every == 0 or (self._ring is not None and self._ring.full):
             self._report_interval(final=False)
         self._schedule_probes()
 
     def _schedule_probes(self) -> None:
-        if self._step % self.config.sample_every == 0 and not self.model_info.compiled:
-            self.probing = True
-            self.probes.install()
+        if not self.model_info.compiled:
+            self.probing = self.cadence.sampled(self._step)
+            self.probes.install(self._step)
 
     def _ensure_plan(self) -> Plan:
         if self._plan is None:

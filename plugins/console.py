@@ -117,7 +117,7 @@ def gradwatch_report(report: Report, console: Console, ctx: StepContext) -> None
         span=flow_span(report, ctx.config.report_every),
         run_diagnoses=report.all_diagnoses,
         repeat=request is not None,
-        cadence=_cadence(report, ctx.config),
+        cadence=_cadence(report),
         full_hint=_full_hint(ctx.config),
     )
 
@@ -133,12 +133,10 @@ def _full_hint(config: WatchConfig) -> str:
     return "gw.report(show_all=True)"
 
 
-def _cadence(report: Report, config: WatchConfig) -> str | None:
-    """The cadence description issue 10 exposes (``Report.cadence`` or ``config.cadence``,
-    a string or an object with ``describe()``), if this build has one."""
-    for owner in (report, config):
-        cadence = getattr(owner, "cadence", None)
-        if cadence is not None:
-            describe = getattr(cadence, "describe", None)
-            return str(describe() if callable(describe) else cadence)
-    return None
+def _cadence(report: Report) -> str | None:
+    """How an ``auto`` cadence was chosen, once it is known (it decides at step 32; a
+    shorter run says so at its end)."""
+    cadence = report.cadence
+    if cadence is None or not cadence.auto or not (cadence.decided or report.final):
+        return None  # explicit integers: the user chose it
+    return cadence.describe()

@@ -2,10 +2,10 @@
 
 Judged at every report (the final one too) on the whole history of the total gradient norm,
 so a verdict comes from the rows there are, within a short run as well as across report
-intervals. The series is the statistics steps' total norm (``history.total_norm``), or the
-norm clipping computes on every step (``history.extras["core.step_norm"]``) when that has
-more rows. Non-finite rows are left to the nonfinite detector: they are never a reference,
-and they end a growth run.
+intervals. The series is every step's total norm that was read (``history.step_norm``): the
+statistics steps' and, while clipping reads the norms on every step, the steps between them.
+Non-finite rows are left to the nonfinite detector: they are never a reference, and they end
+a growth run.
 
 * **spike**: a row at ``spike`` × or more the median of the last ``lookback`` finite rows
   before it, judged once it has ``min_rows`` such rows. A spike of ``lone_spike`` × or more
@@ -95,8 +95,6 @@ _DEFAULTS: dict[str, Any] = {
 }
 # The z-score rule's options: validated as before, then ignored.
 _RETIRED: dict[str, Any] = {"z": 6.0, "ema": 0.05, "warmup": 8}
-#: The per-step total norm the clipping plugin records (the norm it clips by).
-STEP_NORM = "core.step_norm"
 
 
 @dataclass
@@ -136,14 +134,9 @@ def gradwatch_configure(config: WatchConfig, ctx: StepContext) -> None:
 
 
 def _series(history: History) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(steps, total norms)`` in float64: the per-step norm clipping records when it has
-    more rows than the statistics steps, else the statistics steps' total norm."""
-    steps, values = history.steps, history.total_norm
-    clip = history.extras.get(STEP_NORM)
-    if clip is not None:
-        n = int(clip.steps.numel())
-        if n > int(steps.numel()) and clip.values.numel() >= n:
-            steps, values = clip.steps, clip.values.reshape(n, -1)[:, 0]
+    """``(steps, total norms)`` in float64 of every step that read the norms: the statistics
+    steps and, while clipping reads the norms every step, the steps between them."""
+    steps, values = history.step_norm
     return steps.long(), values.double().reshape(-1)
 
 

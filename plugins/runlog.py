@@ -95,7 +95,15 @@ def gradwatch_report(report: Report, ctx: StepContext) -> None:
     state.actions += len(report.actions)
     state.diagnoses += len(report.diagnoses)
     if report.final:
-        state.write(logfile.end_record(report.step, diagnoses=state.diagnoses, actions=state.actions, summary=summary))
+        state.write(
+            logfile.end_record(
+                report.step,
+                diagnoses=state.diagnoses,
+                actions=state.actions,
+                summary=summary,
+                cadence=logfile.cadence_record(report),
+            )
+        )
 
 
 def _start(state: _State, report: Report, ctx: StepContext) -> None:

@@ -23,7 +23,9 @@ Thresholds (``options={"vanishing": {...}}``):
 * ``ratio`` (1e-3): vanishing when ``ratio`` or the fitted attenuation is below it
   (AUTOTRAINER, ICSE 2021, uses 1e-3 for first/last layer norms);
 * ``max_decay`` (0.9): and the fitted decay per layer is below this (a real trend, not
-  two noisy end layers);
+  two noisy end layers); and no layer of the deeper half is as starved as the first
+  quarter (a healthy transformer's query/key projections get ~1e-7 gradients at init in
+  every block: a layer-type effect, not a decay with depth);
 * ``starved`` (1e-2): layers whose signal is below ``starved`` × the late layers' RMS are
   named as starved;
 * ``min_depth`` (6): shallower stacks are not judged;
@@ -50,7 +52,7 @@ import torch
 from torch import nn
 
 from gradwatch import Diagnosis, GradBatch, ModelInfo, Severity, StashKey, StatsWindow, StepContext, WatchConfig, hookimpl
-from gradwatch.kit import fit_decay, float_tensors, num, plugin_options, profile, weight_layers
+from gradwatch.kit import fit_decay, float_tensors, num, plugin_options, profile, times, weight_layers
 
 if TYPE_CHECKING:
     from gradwatch.stats import History
@@ -205,8 +207,8 @@ def _tiny(state: _State, recent: History, columns: list[int], names: list[str], 
             step=int(losses.steps[0]),
             layers=tuple(names),
             message=(
-                f"every layer's gradient RMS is below {opts['tiny']:.0e} (largest {gmax:.1e}) while the loss "
-                f"stays at {after:.3g} ({100 * drop:+.2f}% over the window): the network has stopped learning "
+                f"every layer's gradient RMS is below {num(opts['tiny'])} (largest {num(gmax)}) while the loss "
+                f"stays at {num(after)} (down {num(100 * drop)}% over the window): the network has stopped learning "
                 "without converging"
             ),
             summary=f"largest layer gradient RMS {num(gmax)} while the loss stays at {num(after)}",
@@ -221,6 +223,7 @@ def _tiny(state: _State, recent: History, columns: list[int], names: list[str], 
                 "max_rms": gmax,
                 "loss_before": before,
                 "loss_after": after,
+                "loss_drop_percent": 100 * drop,
                 "per_layer": dict(zip(names, v.tolist())),
             },
             source="vanishing",
@@ -237,6 +240,11 @@ def _judge(signal: str, v: torch.Tensor, names: list[str], first_step: int, opts
         return None
     early, late = float(early_v.log().mean().exp()), float(late_v.log().mean().exp())
     ratio = early / late
+    deep = v[depth // 2 :][finite[depth // 2 :]]
+    if deep.numel() and float(deep.min()) <= early:
+        # A layer of the deeper half is as starved as the early ones: a layer-type effect
+        # (a transformer's query/key projections at init, in every block), not a decay with depth.
+        return None
     decay = fit_decay(v)
     attenuation = decay ** (depth - 1) if math.isfinite(decay) else math.nan
     threshold = opts["ratio"]
@@ -245,9 +253,9 @@ def _judge(signal: str, v: torch.Tensor, names: list[str], first_step: int, opts
     starved = tuple(n for n, x in zip(names, v.tolist()) if not (x >= opts["starved"] * late))
     starved = starved or (names[0],)
     what = {
-        "backprop": "the gradient reaching the layer outputs",
-        "weight_grad": "the weight gradients",
-        "grad_to_weight": "the gradient-to-weight ratio",
+        "backprop": "the gradient reaching the layer outputs shrinks",
+        "weight_grad": "the weight gradients shrink",
+        "grad_to_weight": "the gradient-to-weight ratio shrinks",
     }[signal]
     return Diagnosis(
         kind="vanishing",
@@ -255,15 +263,17 @@ def _judge(signal: str, v: torch.Tensor, names: list[str], first_step: int, opts
         step=first_step,
         layers=starved,
         message=(
-            f"{what} shrink ×{decay:.2f} per layer toward the input: the first {quarter} of {depth} layers get "
-            f"{ratio:.1e} of the RMS of the last {quarter}, so {len(starved)} early layer(s) barely learn"
+            f"{what} {times(decay)} per layer toward the input: the first {quarter} of {depth} layers get "
+            f"{num(ratio)} of the RMS of the last {quarter}, so {len(starved)} early layer(s) barely learn"
         ),
-        summary=f"early/late gradient RMS ratio {num(ratio)}, ×{num(decay)} per layer over {depth} layers ({signal})",
+        summary=f"early/late gradient RMS ratio {num(ratio)}, {times(decay)} per layer ({signal})",
         evidence={
             "ratio": ratio,
             "decay_per_layer": decay,
             "attenuation": attenuation,
             "depth": depth,
+            "quarter": quarter,
+            "starved": len(starved),
             "signal": signal,
             "early_rms": early,
             "late_rms": late,

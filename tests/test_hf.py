@@ -264,9 +264,9 @@ def test_gradient_accumulation_is_one_row_per_optimizer_step(tmp_path: Path) -> 
 
 
 def test_logs_follow_trainer_logging_strategy(tmp_path: Path) -> None:
-    """Epoch logging and logging_first_step, with the default stats_every=4: the norms of a
-    logged step are taken for its entry even when it is not a statistics step."""
-    cb = GradWatchCallback(report=False)
+    """Epoch logging and logging_first_step, with stats_every=4: the norms of a logged step
+    are taken for its entry even when it is not a statistics step."""
+    cb = GradWatchCallback(report=False, stats_every=4)
     args = arguments(tmp_path, max_steps=-1, num_train_epochs=2, logging_strategy="epoch", logging_first_step=True)
     trainer = Trainer(model=gpt2(), args=args, train_dataset=Tokens(32), callbacks=[cb])
     trainer.train()

@@ -229,7 +229,7 @@ def test_clip_conflicts_with_trainer_gradient_clip_val(tmp_path: Path) -> None:
 
 def test_automatic_logs_match_plain_torch_in_csv(tmp_path: Path) -> None:
     ref = RefNorms()
-    cb = gradwatch.GradWatch(report_every=4, report=False)
+    cb = gradwatch.GradWatch(report_every=4, report=False, stats_every=4)
     logger = CSVLogger(tmp_path, name="csv")
     t = trainer(tmp_path, [cb, ref], max_steps=6, logger=logger, log_every_n_steps=1)
     t.fit(Regressor(), loader())

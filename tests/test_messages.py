@@ -34,7 +34,6 @@ EXTREMES = (1e-30, 1e30, 0.0, math.inf, math.nan, 0.123456789, 6084819956.63, 0.
 # Modules whose templates belong to other engineers' open issues (the test is their contract);
 # a case listed here is expected to fail until that issue lands.
 PENDING = {
-    "vanishing": "issue 10 rewrites the vanishing templates ({ratio:.1e}, {decay:.2f}, {opts['tiny']:.0e})",
     "recurrent": "issue 12 owns the recurrent templates ({gamma:.3g}, {b:.2g}, {keep:.1e})",
 }
 _NUMBER = re.compile(r"(?<![\w.'\"])[-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?(?![\w.])", re.I)

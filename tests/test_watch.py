@@ -202,7 +202,7 @@ def test_detach_on_exception_and_idempotent() -> None:
     assert count_hooks(model, (opt,)) == before
     assert not gw.attached
     gw.detach()  # idempotent
-    assert gw.history.steps.tolist() == [0]  # stats_every=4: step 0 only, drained at exit
+    assert gw.history.steps.tolist() == [0, 1]  # the dense start reads every step; drained at exit
 
 
 def test_reattach_after_detach_and_refuse_double_attach() -> None:

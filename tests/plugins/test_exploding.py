@@ -21,8 +21,8 @@ from rich.console import Console
 from torch import nn
 
 import gradwatch
-from gradwatch import Series, StatsWindow, WatchConfig
-from gradwatch.stats import LOSS_KEY
+from gradwatch import Series, StatsWindow
+from gradwatch.stats import LOSS_KEY, STEP_NORM_KEY
 from gradwatch.testing import (
     diagnose,
     high_lr_mlp,
@@ -38,13 +38,7 @@ CONTRACT = {"total_norm", "onset", "growth_per_step", "norm_quantiles", "update_
 SPIKE_CONTRACT = CONTRACT | {"median_before", "spike_ratio"}
 MINE = ("vanishing", "exploding", "nonfinite", "activations")
 EVERY_STEP = {"stats_every": 1, "sample_every": 1}
-# The dense start (statistics on every one of the first steps) is the lead's cadence
-# (gradwatch/cadence.py); until it lands the default reads every fourth step only.
-DENSE_DEFAULT = WatchConfig().stats_every == "auto"
-CADENCES = [
-    pytest.param({}, id="default", marks=pytest.mark.xfail(not DENSE_DEFAULT, reason="needs the dense-start cadence")),
-    pytest.param(EVERY_STEP, id="every_step"),
-]
+CADENCES = [pytest.param({}, id="default"), pytest.param(EVERY_STEP, id="every_step")]
 
 
 def _watch(model, opt, **kw):
@@ -304,14 +298,14 @@ def test_a_diverging_loss_makes_it_an_error():
 
 
 def test_the_per_step_clipping_norm_is_read_when_it_has_more_rows():
-    """Statistics every 4 steps miss a ×200 spike at step 50; the per-step norm clipping
-    records (``core.step_norm``, [S, 1]) has it."""
+    """Statistics every 4 steps miss a ×200 spike at step 50; the norms clipping reads on the
+    steps between them (``history.step_norm``) have it."""
     steps = _noise(100, seed=3)
     steps[50] = 200.0
 
     def clip(lo, hi):
-        span = list(range(lo, min(hi, len(steps))))
-        return {"core.step_norm": Series(torch.tensor(span), torch.tensor([steps[s] for s in span])[:, None])}
+        span = [s for s in range(lo, min(hi, len(steps))) if s % 4]  # the steps without statistics
+        return {STEP_NORM_KEY: Series(torch.tensor(span), torch.tensor([steps[s] for s in span])[:, None])}
 
     rows = [steps[s] for s in range(0, 100, 4)]
     assert _flat(_feed(rows, every=4)) == []

@@ -59,7 +59,19 @@ def test_hook_gradwatch_diagnose_names_nan_module_and_step(at):
     assert len(found) == 1, found  # reported once, not once per interval
     d = found[0]
     assert d.layers == ("4",) and d.step == at
-    assert d.evidence == {"first_step": at, "where": "output", "module_type": "NaNAt", "value": "nan"}
+    ev = d.evidence
+    assert {k: ev[k] for k in ("first_step", "where", "module_type", "value", "produced")} == {
+        "first_step": at,
+        "where": "output",
+        "module_type": "NaNAt",
+        "value": "nan",
+        "produced": True,
+    }
+    assert ev["origin"]["module"] == "4" and ev["origin"]["output"] == "nan" and ev["origin"]["input_dtype"] == "float32"
+    # The chain: that step's gradients are non-finite too (backward order: the last layer first),
+    # and the weights after its update.
+    assert ev["gradient_step"] == at and ev["layers_nonfinite"] == ["8", "6", "3", "2", "0"]
+    assert ev["weights_after_update"] == at
     assert d.source == "nonfinite" and d.severity is gradwatch.Severity.ERROR
     assert (d.step, d.layers[0]) == _plain_first_nan(lambda: nan_model(at=at), at + 6)
 
@@ -193,7 +205,9 @@ def test_amp_skip_is_not_a_nonfinite_error():
 
     assert found(window) == ([], [gradwatch.Action(kind="amp_skip", step=4, source="core")])
     (d,), _ = found(dataclasses.replace(window, amp_skips=()))
-    assert (d.step, d.evidence["where"], d.layers) == (4, "gradient", (layers[-1],))
+    # Every layer's gradient, first in backward order (the last layer first); no module produced it.
+    assert (d.step, d.evidence["where"], d.layers) == (4, "gradient", tuple(reversed(layers)))
+    assert d.evidence["produced"] is False and "origin" not in d.evidence
 
 
 def test_sampled_mode_names_nan_on_sampled_step_only():
@@ -205,14 +219,15 @@ def test_sampled_mode_names_nan_on_sampled_step_only():
     assert (d.step, d.layers) == (4, ("4",))
 
 
-def test_off_mode_still_sees_the_gradients():
+def test_off_mode_still_sees_the_loss_and_the_gradients():
     model = nan_model(at=5)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     with _watch(model, opt, report_every=8, stats_every=2, sample_every=4, options={"nonfinite": {"outputs": "off"}}) as gw:
-        train(model, 8, optimizer=opt, watcher=gw)
+        train(model, 8, optimizer=opt, watcher=gw)  # records the loss (observe_loss)
     (d,) = _nonfinite(gw)
-    assert d.evidence["where"] == "gradient" and d.step == 6  # first statistics step after 5
-    assert d.evidence["resolution_steps"] == 2
+    assert (d.evidence["where"], d.step, d.layers) == ("loss", 5, ())  # the loss is read every step
+    assert d.evidence["gradient_step"] == 6  # the first statistics step after 5
+    assert "the loss was nan at step 5" in d.message and d.message.index("step 5") < d.message.index("step 6")
 
 
 @pytest.mark.parametrize("options", [{"outputs": "always"}, {"every": 3}])
@@ -278,21 +293,25 @@ def _many_modules(at: int) -> nn.Sequential:
     return nn.Sequential(*mods)
 
 
-@pytest.mark.parametrize("at,located", [(7, False), (8, True)])
-def test_auto_mode_on_a_large_model_gives_the_exact_step_and_the_module_on_sampled_steps(at, located):
+@pytest.mark.parametrize("at,located", [(7, True), (37, False), (40, True)])
+def test_auto_mode_checks_modules_in_the_dense_start_and_on_sampled_steps(at, located):
     model = _many_modules(at)
-    assert sum(1 for _ in model.modules()) > 128
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    with _watch(model, opt, report_every=16, stats_every=4, sample_every=4) as gw:
-        train(model, 12, optimizer=opt, watcher=gw)
-        per_step_hooks = sum(len(m._forward_hooks) for m in model.modules())
+    hooks = {}
+
+    def count(step):
+        hooks[step] = sum(len(m._forward_hooks) for m in model.modules())
+
+    with _watch(model, opt, report_every=16, stats_every=4, sample_every=8) as gw:
+        train(model, max(at + 3, 36), optimizer=opt, watcher=gw, callback=count)
     (d,) = _nonfinite(gw)
-    assert d.step == at and d.evidence["where"] == "output"
+    assert d.step == at
     if located:
-        assert d.layers == ("61",)
+        assert d.layers == ("61",) and d.evidence["where"] == "output" and d.evidence["produced"] is True
     else:
+        # After the dense start, between sampled steps, only the model's output is checked: the exact step.
         assert d.layers == () and d.evidence["located"] is False and '"every_step"' in d.message
-    assert per_step_hooks <= 2  # between sampled steps only the root is hooked
+    assert hooks[5] > 150 and hooks[33] <= 2 and hooks[32] > 150  # dense start, after it, a sampled step
 
 
 def test_every_step_option_names_the_module_on_a_large_model():
