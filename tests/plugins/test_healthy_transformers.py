@@ -126,12 +126,8 @@ def _train(name: str, seed: int, steps: int, lr: float, observe: bool = False, *
     return gw, torch.stack(losses).tolist()
 
 
-def _loud(gw, source: str | None = "exploding") -> list[tuple[str, str]]:
-    return [
-        (d.kind, d.message)
-        for d in gw.diagnoses
-        if d.severity.value in ("warning", "error") and (source is None or d.source == source)
-    ]
+def _loud(gw) -> list[tuple[str, str]]:
+    return [(d.kind, d.message) for d in gw.diagnoses if d.severity.value in ("warning", "error")]
 
 
 def _falls(losses: list[float]) -> bool:
