@@ -7,8 +7,9 @@
   per-module non-finite checks) on a logarithmic schedule, steps 0, 1, 2, 4, 8, 16: faults
   of initialisation show at step 0, an early divergence in the first tens of steps.
 * **Measured, then fixed.** During the dense start the watcher times, on the host, the
-  statistics pass of each step and the step itself (from one step boundary to the next,
-  less the statistics pass), and the sampled steps against the others. At step
+  statistics pass of each step, the sampled work of each sampled step (the plugins'
+  probes in its forward, the weight snapshot and its measurement) and the user's own
+  step (from one step boundary to the next, less all of gradwatch's work). At step
   :data:`DENSE_STEPS` it takes the medians of steps 1 to 31 (step 0 builds the plan) and
   chooses, once, the smallest power of two ``S`` with ``pass / S <= max(BUDGET · step,
   FLOOR)`` (1% of the step, or 50 µs a step, whichever allows more: a model whose
@@ -78,6 +79,7 @@ class Cadence:
     measured: dict[str, float] = field(default_factory=dict)
     _pass: list[float] = field(default_factory=list, repr=False)
     _steps: list[tuple[bool, float]] = field(default_factory=list, repr=False)
+    _sampled: list[float] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         if self.stats_every != AUTO:
@@ -118,17 +120,24 @@ class Cadence:
 
     # ------------------------------------------------------------------ measuring
 
-    def observe(self, step: int, stats_seconds: float | None, step_seconds: float) -> None:
-        """Record one dense-start step: its statistics pass (``None`` if it read none) and
-        the time from its boundary to the next one (its update, the next forward and
-        backward). That time holds sampled work when this step or the next one sampled
-        (the weight snapshot and its measurement; the forward probes)."""
+    def observe(self, step: int, stats_seconds: float | None, own_seconds: float, sampled_seconds: float | None) -> None:
+        """Record one dense-start step.
+
+        Args:
+            step: The step.
+            stats_seconds: Its statistics pass (``None`` if it read none).
+            own_seconds: The user's own work, boundary to boundary, less everything
+                gradwatch did in it (the statistics pass, the probes, the weight snapshot).
+            sampled_seconds: A sampled step's sampled work (its forward probes and
+                per-module checks, its weight snapshot and its measurement), else ``None``.
+        """
         if not self.auto or self.decided or step < 1 or step >= DENSE_STEPS:
             return
         if stats_seconds is not None:
             self._pass.append(stats_seconds)
-        touched = self.sampled(step) or self.sampled(step + 1)
-        self._steps.append((touched, step_seconds - (stats_seconds or 0.0)))
+        self._steps.append((sampled_seconds is not None, own_seconds))
+        if sampled_seconds is not None:
+            self._sampled.append(sampled_seconds)
 
     def decide(self, reduce_max: Any = None) -> bool:
         """Choose the periods from what was measured (at the end of the dense start).
@@ -142,13 +151,10 @@ class Cadence:
         """
         if self.decided:
             return False
-        plain = [t for sampled, t in self._steps if not sampled]
-        sampled = [t for s, t in self._steps if s]
-        step = statistics.median(plain) if plain else 0.0
+        steps = [t for _, t in self._steps]
+        step = statistics.median(steps) if steps else 0.0
         pass_ = statistics.median(self._pass) if self._pass else 0.0
-        # A sampled step's work falls in two measured intervals (the snapshot and its measure
-        # in its own, the forward probes in the one before): twice the median excess.
-        extra = 2 * max(0.0, statistics.median(sampled) - step) if sampled and plain else 0.0
+        extra = statistics.median(self._sampled) if self._sampled else 0.0
         allowed = max(BUDGET * step, FLOOR_SECONDS)
         stats_period = self.stats_period or _power_of_two(pass_, allowed, 1, MAX_STATS_PERIOD)
         sample_period = self.sample_period or _power_of_two(extra, allowed, MIN_SAMPLE_PERIOD, MAX_SAMPLE_PERIOD)
@@ -159,7 +165,7 @@ class Cadence:
             sample_period = -(-max(sample_period, stats_period) // stats_period) * stats_period
         self.stats_period, self.sample_period = stats_period, sample_period
         self.measured = {"step_seconds": step, "stats_seconds": pass_, "sampled_extra_seconds": extra}
-        self._pass, self._steps = [], []
+        self._pass, self._steps, self._sampled = [], [], []
         return True
 
     # ------------------------------------------------------------------ saying it

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import time
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -59,6 +60,25 @@ def _inert_factory() -> Callable[..., None]:
     return _inert
 
 
+class _Timed(Hook):
+    """A plugin's probe, with the host time it takes added to its :class:`Probes`' clock
+    (the ``auto`` cadence weighs sampled work by it)."""
+
+    __slots__ = ("_clock", "_slot")
+
+    def __init__(self, fn: Callable[..., Any], clock: list[float], slot: int) -> None:
+        super().__init__(fn)
+        self._clock = clock
+        self._slot = slot
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            self._clock[self._slot] += time.perf_counter() - start
+
+
 class Probes:
     """Module hooks registered by plugins through the watcher, so detach removes them.
 
@@ -76,6 +96,9 @@ class Probes:
         self._installed: list[RemovableHandle] = []
         self._step: int | None = None
         self.permanent: list[RemovableHandle] = []
+        #: Host seconds spent in plugins' probes since :meth:`take_time`: permanent ones, then
+        #: sampled and scheduled ones.
+        self.clock = [0.0, 0.0]
 
     def forward_hook(
         self, module: nn.Module, fn: Callable[..., Any], *, sampled: bool | Callable[[int], bool] = True, **kwargs: Any
@@ -103,7 +126,7 @@ class Probes:
         sampled: bool | Callable[[int], bool],
         kwargs: dict[str, Any],
     ) -> None:
-        fn = Hook(fn)
+        fn = _Timed(fn, self.clock, 0 if sampled is False else 1)
         if sampled is False:
             self.permanent.append(getattr(module, method)(fn, **kwargs))
             return
@@ -117,6 +140,12 @@ class Probes:
             return bool(schedule(step))
         watcher = self._watcher()
         return watcher is not None and watcher.probing
+
+    def take_time(self) -> tuple[float, float]:
+        """``(permanent, scheduled)`` host seconds in probes since the last call; resets."""
+        spent = (self.clock[0], self.clock[1])
+        self.clock[0] = self.clock[1] = 0.0
+        return spent
 
     @property
     def has_sampled(self) -> bool:

@@ -34,6 +34,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "nonfinite",
     "vanishing",
     "exploding",
+    "updates",
     "activations",
     "recurrent",
     "init",

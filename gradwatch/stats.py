@@ -107,6 +107,9 @@ class Plan:
             numel[i] += p.numel()
         self.device = params[0].device
         self.numel = numel.to(_F32).to(self.device)
+        self.inv_sqrt_numel = self.numel.clamp_min(1.0).rsqrt()
+        # Per layout of present gradients (the groups a batch holds), the present count per layer.
+        self._present: dict[tuple[int, ...], torch.Tensor] = {}
         # Modules that say they make sparse gradients (nn.Embedding / EmbeddingBag(sparse=True)).
         self._sparse = {
             id(layer.module.get_parameter(pname))
@@ -331,19 +334,32 @@ class GradBatch:
         for group, grads in self._groups:
             torch._foreach_mul_(grads, coefficient.to(group.device, non_blocking=True))
 
-    def core_row(self) -> torch.Tensor:
-        """float32 ``[len(CORE_STATS), L]``: this step's core statistics."""
+    def present(self) -> torch.Tensor:
+        """float32 ``[L]``: how many of each layer's parameters have a gradient this step
+        (cached per layout of present gradients, a host-known pattern)."""
+        plan = self.plan
+        key = tuple(id(group) for group, _ in self._groups)
+        count = plan._present.get(key)
+        if count is None:
+            index = self.layer_index
+            ones = torch.ones(index.numel(), dtype=_F32, device=plan.device)
+            count = plan._present[key] = torch.zeros(plan.num_layers, dtype=_F32, device=plan.device).index_add_(0, index, ones)
+        return count
+
+    def core_row(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 ``[len(CORE_STATS), L]``: this step's core statistics, written into
+        ``out`` when given (a ring slot: no stacked copy)."""
         plan = self.plan
         index = self.layer_index
-        norm = self.layer_norms()
-        rms = norm / plan.numel.clamp_min(1.0).sqrt()
+        row = out if out is not None else torch.empty((len(CORE_STATS), plan.num_layers), dtype=_F32, device=plan.device)
+        row.zero_()
+        torch.sqrt(self.layer_sq(), out=row[0])
+        torch.mul(row[0], plan.inv_sqrt_numel, out=row[1])
         maxabs = self.maxabs()
-        layer_max = torch.zeros(plan.num_layers, dtype=_F32, device=plan.device)
-        layer_max.scatter_reduce_(0, index, maxabs, "amax", include_self=True)
-        ones = torch.ones_like(maxabs)
-        nonfinite = torch.zeros_like(layer_max).index_add_(0, index, (~torch.isfinite(maxabs)).to(_F32))
-        present = torch.zeros_like(layer_max).index_add_(0, index, ones)
-        return torch.stack((norm, rms, layer_max, nonfinite, present))
+        row[2].scatter_reduce_(0, index, maxabs, "amax", include_self=True)
+        row[3].index_add_(0, index, torch.isfinite(maxabs).logical_not_().to(_F32))
+        row[4].copy_(self.present())
+        return row
 
 
 class WeightSnapshot:
@@ -413,6 +429,10 @@ class _Rows:
     def write(self, step: int, row: torch.Tensor) -> None:
         """Copy ``row`` in (no sync). A full ring grows (never drops a row); the watcher
         drains it at the end of the step (:attr:`StatsRing.full`)."""
+        self.reserve(step).copy_(row, non_blocking=True)
+
+    def reserve(self, step: int) -> torch.Tensor:
+        """The next row, for ``step``, to be written in place (no sync)."""
         slot = len(self.steps)
         if slot >= self.buffer.shape[0]:
             # A device copy into a larger buffer, log2(capacity / 32) times a run at most.
@@ -420,8 +440,8 @@ class _Rows:
             grown = self.buffer.new_zeros((size, *self.buffer.shape[1:]))
             grown[:slot].copy_(self.buffer[:slot])
             self.buffer = grown
-        self.buffer[slot].copy_(row, non_blocking=True)
         self.steps.append(step)
+        return self.buffer[slot]
 
     def flat(self) -> torch.Tensor:
         return self.buffer[: len(self.steps)].reshape(-1)
@@ -469,8 +489,8 @@ class StatsRing:
         return sum(r.buffer.numel() * r.buffer.element_size() for r in rings)
 
     def write_core(self, step: int, batch: GradBatch) -> None:
-        self.core.write(step, batch.core_row())
-        self.total.write(step, batch.total_norm())
+        batch.core_row(out=self.core.reserve(step))
+        torch.linalg.vector_norm(batch.norms(), 2.0, out=self.total.reserve(step))
 
     def write_update(self, step: int, weight_norm: torch.Tensor, update_ratio: torch.Tensor) -> None:
         self.weight.write(step, weight_norm)

@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 #: Diagnosis kinds of the built-in detectors; plugins may add their own.
-DIAGNOSIS_KINDS = ("vanishing", "exploding", "nonfinite", "dead_units", "saturation")
+DIAGNOSIS_KINDS = ("vanishing", "exploding", "nonfinite", "dead_units", "saturation", "update_scale")
 #: Remedy kinds of the built-in advisor; plugins may add their own.
 REMEDY_KINDS = ("relu", "normalization", "residual", "clipping", "reinit", "lstm_gru", "lower_lr")
 

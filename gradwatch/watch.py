@@ -128,6 +128,9 @@ class Watcher:
         self.cadence = Cadence(config.stats_every, config.sample_every)
         self._boundary_at: float | None = None  # host time of the last step boundary
         self._stats_seconds: float | None = None  # the last boundary's statistics pass
+        self._probe_seconds = 0.0  # a sampled step's probes, in its forward
+        self._snapshot_seconds = 0.0  # and its weight snapshot and measurement, and removing its probes
+        self._install_seconds = 0.0  # installing the probes of the step that opened last
         self._attached = False
         self._broken: BaseException | None = None
         self._plan: Plan | None = None
@@ -610,6 +613,19 @@ class Watcher:
         assert ring is not None
         ctx = self.context(recorder=lambda key, value: ring.write_extra(step, key, value))
         started = now()
+        permanent, scheduled = self.probes.take_time()
+        if self._boundary_at is not None and self.cadence.dense(step):
+            # The step before this one, boundary to boundary: the user's own work, less ours
+            # (its statistics pass, the probes of this step's forward, its weight snapshot).
+            ours = (self._stats_seconds or 0.0) + permanent + scheduled + self._snapshot_seconds + self._install_seconds
+            sampled = self._probe_seconds + self._snapshot_seconds if self.cadence.sampled(step - 1) else None
+            self.cadence.observe(step - 1, self._stats_seconds, started - self._boundary_at - ours, sampled)
+        probes = scheduled + self._install_seconds
+        self._probe_seconds, self._snapshot_seconds, self._install_seconds = (
+            (probes if self.cadence.sampled(step) else 0.0),
+            0.0,
+            0.0,
+        )
         stats = self.cadence.stats(step)
         if stats:
             ring.write_core(step, batch)
@@ -623,23 +639,27 @@ class Watcher:
             # the detectors (history.step_norm), with no second pass.
             ring.write_extra(step, STEP_NORM_KEY, batch.total_norm())
         if self.cadence.sampled(step):
+            taken = now()
             self._snapshot = WeightSnapshot(plan)
-        if self._boundary_at is not None and self.cadence.dense(step):
-            # The step before this one, boundary to boundary, less its statistics pass.
-            self.cadence.observe(step - 1, self._stats_seconds, started - self._boundary_at)
+            self._snapshot_seconds += now() - taken
         self._boundary_at, self._stats_seconds = started, (passed - started) if stats else None
 
     def _close(self) -> None:
         self._open = False
         snapshot, self._snapshot = self._snapshot, None
         if snapshot is not None and self._ring is not None:
+            taken = now()
             weight_norm, update_ratio = snapshot.measure()
+            self._snapshot_seconds += now() - taken
             self._ring.write_update(self._step, weight_norm, update_ratio)
         self._advance()
 
     def _advance(self) -> None:
         self._step += 1
-        self.probes.uninstall()
+        if self.probes.installed:
+            taken = now()
+            self.probes.uninstall()
+            self._snapshot_seconds += now() - taken
         self.probing = False
         if self._step >= DENSE_STEPS and self.cadence.auto and not self.cadence.decided:
             device = self._plan.device if self._plan is not None else None
@@ -651,7 +671,9 @@ class Watcher:
     def _schedule_probes(self) -> None:
         if not self.model_info.compiled:
             self.probing = self.cadence.sampled(self._step)
+            taken = now()
             self.probes.install(self._step)
+            self._install_seconds = now() - taken
 
     def _ensure_plan(self) -> Plan:
         if self._plan is None:

@@ -76,8 +76,8 @@ RECORD = "nonfinite.step"
 #: Columns of the per-step row: whether modules were checked one by one; the module (index
 #: in ``named_modules()`` order, -1 = none) of the first non-finite output; of the first
 #: producing module, what it made (:data:`VALUES`), the range and dtype of its inputs; the
-#: first module whose own weights were non-finite; the first whose inputs were; whether the
-#: model's own output / input was non-finite.
+#: first module whose own weights were non-finite; the first whose inputs were; max|x| of the
+#: model's own outputs / inputs (not finite: they held NaN/Inf).
 COLUMNS = (
     "checked",
     "first_output",
@@ -118,8 +118,9 @@ class _State:
     root: list[torch.Tensor] = field(default_factory=list)  # the model's outputs, then its inputs
     root_outputs: int = 0
     tables: dict[tuple[int, ...], tuple[torch.Tensor, ...]] = field(default_factory=dict)
-    # This step, on device: the module columns (first forward with an event wins) and the
-    # model's output/input flags (any forward).
+    # This step's row, on device: the module columns (first forward with an event wins) and,
+    # as views of it, max|x| of the model's outputs and inputs (any forward; NaN propagates).
+    row: torch.Tensor | None = None
     modules: torch.Tensor | None = None
     flags: torch.Tensor | None = None
     no_event: torch.Tensor | None = None
@@ -155,8 +156,8 @@ def gradwatch_attach(model: ModelInfo, ctx: StepContext) -> None:
     device = next(iter(root.parameters())).device
     state.no_event = torch.full((_MODULE_COLUMNS,), -1.0, dtype=torch.float32, device=device)
     state.no_event[_COL["checked"]] = 0.0
-    state.modules = state.no_event.clone()
-    state.flags = torch.zeros(2, dtype=torch.float32, device=device)
+    state.row = torch.cat((state.no_event, torch.zeros(2, dtype=torch.float32, device=device)))
+    state.modules, state.flags = state.row[:_MODULE_COLUMNS], state.row[_MODULE_COLUMNS:]
     modules: Any = {"every_step": False, "sampled": True, "auto": _schedule(ctx.cadence)}[state.mode]
     root_schedule = state.mode == "sampled"
     for index, (name, module) in enumerate(root.named_modules()):
@@ -236,6 +237,13 @@ def _ranges(tensors: list[torch.Tensor], device: torch.device) -> tuple[torch.Te
         return torch.stack([v.to(device) for v in lo]).double(), torch.stack([v.to(device) for v in hi]).double()
 
 
+def _peak(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    device = pairs[0][0].device
+    lo = torch.stack([p[0].to(device, torch.float32) for p in pairs])
+    hi = torch.stack([p[1].to(device, torch.float32) for p in pairs])
+    return torch.maximum(hi, lo.neg()).amax()
+
+
 def _bad(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     return ~(torch.isfinite(lo) & torch.isfinite(hi))
 
@@ -248,14 +256,14 @@ def _flush(state: _State) -> None:
     if flags is None or not (state.root or state.tensors):
         return
     if state.root:
-        lo, hi = _ranges(state.root, flags.device)
-        key = (state.root_outputs, len(state.root))
-        table = state.tables.get(key)
-        if table is None:
-            roles = [0] * state.root_outputs + [1] * (len(state.root) - state.root_outputs)
-            table = state.tables[key] = (torch.tensor(roles, dtype=torch.int64, device=flags.device),)
-        seen = torch.zeros_like(flags).index_add_(0, table[0], _bad(lo, hi).float())
-        torch.maximum(flags, seen.clamp_max(1.0), out=flags)
+        # Every step: max|x| of the model's outputs and of its inputs, a few launches. NaN
+        # propagates through aminmax and maximum; the host reads "not finite".
+        k = state.root_outputs
+        for part, slot in ((state.root[:k], 0), (state.root[k:], 1)):
+            if part:
+                pairs = list(map(torch.aminmax, part))
+                peak = torch.maximum(pairs[0][1], pairs[0][0].neg()) if len(pairs) == 1 else _peak(pairs)
+                torch.maximum(flags[slot], peak.to(flags.device, torch.float32), out=flags[slot])
         state.root, state.root_outputs = [], 0
     if state.tensors:
         _check_modules(state)
@@ -270,7 +278,7 @@ def _check_modules(state: _State) -> None:
     """The module columns of this forward, merged into the step's (the first forward with
     an event wins)."""
     modules = state.modules
-    assert modules is not None
+    assert modules is not None and state.no_event is not None
     device = modules.device
     lo, hi = _ranges(state.tensors, device)
     key = (*state.calls, -1, *state.roles, -1, *state.call_module, -1, *state.call_dtype)
@@ -336,7 +344,7 @@ def gradwatch_act(grads: GradBatch, ctx: StepContext) -> None:
         return
     with torch.no_grad():
         _flush(state)  # forwards outside the root module (a head called on its own)
-        ctx.record(RECORD, torch.cat((state.modules, state.flags)))
+        ctx.record(RECORD, state.row)
         if state.touched:
             state.modules.copy_(state.no_event)
             state.touched = False
@@ -385,7 +393,8 @@ def _chain(window: StatsWindow, history: History | None, state: _State, skips: s
         values = dict(zip(COLUMNS, row))
         if values["checked"] > 0:
             chain.checked.append(step)
-        if chain.output is None and (values["root_output"] > 0 or values["first_output"] >= 0):
+        root_output, root_input = not math.isfinite(values["root_output"]), not math.isfinite(values["root_input"])
+        if chain.output is None and (root_output or values["first_output"] >= 0):
             chain.output = step
         if chain.origin is None and values["origin"] >= 0:
             k = int(values["origin"])
@@ -410,9 +419,9 @@ def _chain(window: StatsWindow, history: History | None, state: _State, skips: s
             )
         if chain.weights is None and values["first_weights"] >= 0:
             chain.weights = (step, state.names[int(values["first_weights"])])
-        if chain.inputs is None and (values["root_input"] > 0 or values["first_input"] >= 0):
+        if chain.inputs is None and (root_input or values["first_input"] >= 0):
             first_input = int(values["first_input"])
-            source = state.names[first_input] if values["root_input"] <= 0 and first_input >= 0 else state.names[0]
+            source = state.names[first_input] if not root_input and first_input >= 0 else state.names[0]
             chain.inputs = (step, source)
     return chain
 

@@ -122,3 +122,42 @@ def test_fsdp2_sharded_gradients_are_reduced_before_norms(tmp_path) -> None:
         torch.testing.assert_close(r["grad_norm"], r["expected"], rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(r["update_ratio"], r["expected_ratio"], rtol=1e-4, atol=1e-8)
     assert torch.equal(r0["grad_norm"], r1["grad_norm"])
+
+
+def _cadence_worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
+    try:
+        from gradwatch.cadence import Cadence
+
+        if rank == 1:
+            # Rank 1 measures a statistics pass 1000x dearer than it is (a slower device, say):
+            # on its own it would read every 64th step; the ranks must agree on the largest period.
+            observe = Cadence.observe
+            Cadence.observe = lambda self, step, stats, own, sampled: observe(
+                self, step, None if stats is None else 1000 * stats, own, sampled
+            )
+        torch.manual_seed(0)
+        model = TinyModel()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        g = torch.Generator().manual_seed(100 + rank)
+        with gradwatch.watch(ddp, opt, report=False) as gw:
+            for _ in range(80):
+                ddp(torch.randn(8, 8, generator=g)).pow(2).mean().backward()
+                opt.step()
+                opt.zero_grad()
+        torch.save(
+            {"periods": (gw.cadence.stats_period, gw.cadence.sample_period), "steps": gw.history.steps.tolist()},
+            os.path.join(out_dir, f"cadence{rank}.pt"),
+        )
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_auto_cadence_is_the_same_on_every_rank(tmp_path) -> None:
+    mp.spawn(_cadence_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"cadence{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["periods"] == r1["periods"] and r0["periods"][0] == 64  # rank 1's (the largest) everywhere
+    assert r0["steps"] == r1["steps"] == [*range(32), 64]
