@@ -87,7 +87,7 @@ def test_row_03_a_non_optimizer_passed_as_optimizer(optimizer) -> None:
         ({"clip": -1.0}, "must be a positive finite number"),
         ({"options": {"vanishing": {"ratio": -1}}}, "vanishing option ratio must be a number > 0"),
         ({"options": {"activations": {"dead": 1.5}}}, "activations option dead must be a number > 0 and < 1"),
-        ({"options": {"exploding": {"z": -3}}}, "exploding option z must be a number > 0"),
+        ({"options": {"exploding": {"spike": -3}}}, "exploding option spike must be a number > 1"),
         ({"clip": gradwatch.ZClip(warmup=5), "options": {"clipping": {"z": 2}}}, "the clipping plugin takes no options"),
         ({"stats_evry": 2}, r"did you mean 'stats_every'"),  # item 6: tests/test_config.py covers both doors
         ({"clip": 1.0, "disable": ["clipping"]}, "needs the 'clipping' plugin, which is disabled"),

@@ -67,7 +67,7 @@ def test_both_doors_build_equal_configs() -> None:
         "report_every": 7,
         "stats_every": 2,
         "clip": "zclip",
-        "options": {"exploding": {"z": 5.0}},
+        "options": {"exploding": {"spike": 5.0}},
         "disable": "runlog",
         "report": False,
     }

@@ -173,6 +173,9 @@ def test_fast_divergence_gives_the_step_of_the_non_finite_gradients_and_no_false
     assert ev["weights_step"] == plain["weights"] and ev["weights_after_update"] == plain["gradients"]
     assert "the weights of '0' were non-finite after the update of step 6 (gradients non-finite at step 6)" in d.message
     assert d.layers and d.layers[0] == "4"  # first in backward order
+    # And the growth before it, from its first step (the norm grows from step 1 on).
+    (grew,) = _kinds(gw, "exploding")
+    assert grew.evidence["pattern"] == "growth" and abs(grew.step - 1) <= 1, grew.message
 
 
 # ---------------------------------------------------------------------- a deep conv net without normalisation
