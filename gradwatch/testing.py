@@ -20,6 +20,9 @@ from torch import nn
 from gradwatch.hookspecs import hookimpl
 
 __all__ = [
+    "CADENCES",
+    "EVERY_STEP",
+    "SPARSE",
     "NaNAt",
     "ReportCatcher",
     "advise",
@@ -44,6 +47,15 @@ __all__ = [
     "regression_batches",
     "sequence_batches",
 ]
+
+
+#: Statistics and sampled work on every step.
+EVERY_STEP = {"stats_every": 1, "sample_every": 1}
+#: Explicit integers keep their meaning: statistics every step, one sampled step in 8.
+SPARSE = {"stats_every": 1, "sample_every": 8}
+#: The cadences a detector is tested at (issue 10: judged with the defaults, and every rule
+#: with statistics on every step too), as ``pytest.mark.parametrize("cadence", CADENCES)`` params.
+CADENCES = [pytest.param({}, id="defaults"), pytest.param(EVERY_STEP, id="every_step"), pytest.param(SPARSE, id="every_8")]
 
 
 class TinyModel(nn.Module):

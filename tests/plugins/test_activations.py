@@ -10,7 +10,17 @@ from rich.console import Console
 from torch import nn
 
 import gradwatch
-from gradwatch.testing import regression_batches, relu_mlp, residual_convnet, sigmoid_mlp, train, transformer_encoder
+from gradwatch.testing import (
+    CADENCES,
+    EVERY_STEP,
+    SPARSE,
+    regression_batches,
+    relu_mlp,
+    residual_convnet,
+    sigmoid_mlp,
+    train,
+    transformer_encoder,
+)
 
 CONTRACT = {"fraction", "activation", "threshold", "steps_seen"}
 
@@ -78,15 +88,6 @@ def test_hook_gradwatch_configure_rejects_bad_options(options):
 
 
 # ---------------------------------------------------------------------- persistence (issue 10)
-
-S1 = {"stats_every": 1, "sample_every": 1}
-# Explicit integers keep their meaning: one sampled step in 8.
-SPARSE = {"stats_every": 1, "sample_every": 8}
-CADENCES = [
-    pytest.param({}, id="defaults"),
-    pytest.param(S1, id="every_step"),
-    pytest.param(SPARSE, id="every_8"),
-]
 
 
 def _biased_mlp(bias: float, seed: int = 0) -> nn.Sequential:
@@ -164,7 +165,7 @@ def test_persistent_fraction_agrees_with_plain_torch():
 
 def test_the_mask_window_starts_again_after_window_steps():
     model = _biased_mlp(-4.0)
-    gw = _train(model, torch.optim.SGD(model.parameters(), lr=0.01), 30, options={"activations": {"window": 10}}, **S1)
+    gw = _train(model, torch.optim.SGD(model.parameters(), lr=0.01), 30, options={"activations": {"window": 10}}, **EVERY_STEP)
     count = gw.history.extras["activations.dead_batches"].values[:, 0].tolist()
     assert count[:12] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 1.0, 2.0]
     assert len(_dead(gw)) == 1  # judged across the new window, reported once
@@ -197,7 +198,7 @@ def _tokens():
         yield x, x[:, 0] % 4
 
 
-@pytest.mark.parametrize("cadence", [{}, S1], ids=["defaults", "every_step"])
+@pytest.mark.parametrize("cadence", [{}, EVERY_STEP], ids=["defaults", "every_step"])
 @pytest.mark.parametrize(("name", "make", "optimizer", "batches", "loss_fn"), list(_healthy()), ids=[c[0] for c in _healthy()])
 def test_healthy_nets_have_no_dead_units_over_200_steps(name, make, optimizer, batches, loss_fn, cadence):
     model = make()

@@ -15,17 +15,18 @@ from torch import nn
 import gradwatch
 from gradwatch import Series, StatsWindow
 from gradwatch.kit import num
-from gradwatch.testing import diagnose, lstm_model, regression_batches, relu_mlp, residual_convnet, transformer_encoder
+from gradwatch.testing import (
+    CADENCES,
+    EVERY_STEP,
+    diagnose,
+    lstm_model,
+    regression_batches,
+    relu_mlp,
+    residual_convnet,
+    transformer_encoder,
+)
 
 CONTRACT = {"update_ratio", "per_layer", "steps_seen", "skipped_zero_weight", "target"}
-S1 = {"stats_every": 1, "sample_every": 1}
-# Explicit integers keep their meaning: one sampled step in 8.
-SPARSE = {"stats_every": 1, "sample_every": 8}
-CADENCES = [
-    pytest.param({}, id="defaults"),
-    pytest.param(S1, id="every_step"),
-    pytest.param(SPARSE, id="every_8"),
-]
 
 
 def _gpt2(vocab: int = 100, seed: int = 0) -> nn.Module:
@@ -163,7 +164,7 @@ def test_hook_gradwatch_diagnose_gpt2_adamw_lr_1_updates_dwarf_the_weights(caden
 def test_hook_gradwatch_diagnose_reported_once_per_set_of_layers():
     model = _gpt2()
     opt = torch.optim.AdamW(model.parameters(), lr=1.0)
-    gw = _train(model, opt, _lm_batches(100), _lm_loss, 24, report_every=4, **S1)
+    gw = _train(model, opt, _lm_batches(100), _lm_loss, 24, report_every=4, **EVERY_STEP)
     assert len(_found(gw)) == 1
 
 
@@ -174,7 +175,7 @@ def test_a_zero_initialised_head_is_skipped_and_named():
     nn.init.zeros_(model[-1].weight)
     nn.init.zeros_(model[-1].bias)
     opt = torch.optim.AdamW(model.parameters(), lr=1.0)
-    gw = _train(model, opt, regression_batches(), _mse, 12, **S1)
+    gw = _train(model, opt, regression_batches(), _mse, 12, **EVERY_STEP)
     (d,) = _found(gw)
     head = str(len(model) - 1)
     assert d.evidence["skipped_zero_weight"] == [head] and head not in d.evidence["per_layer"]
@@ -184,7 +185,7 @@ def test_a_zero_initialised_head_is_skipped_and_named():
     torch.manual_seed(0)
     model = relu_mlp(depth=4, width=64)
     nn.init.zeros_(model[-1].weight)
-    gw = _train(model, torch.optim.Adam(model.parameters(), lr=1e-3), regression_batches(), _mse, 40, **S1)
+    gw = _train(model, torch.optim.Adam(model.parameters(), lr=1e-3), regression_batches(), _mse, 40, **EVERY_STEP)
     assert _found(gw) == []
 
 
@@ -212,7 +213,7 @@ def test_small_init_layer_scale_is_not_a_verdict():
     negligible part of the update: healthy, silent."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 64), *[_ScaledBlock(64) for _ in range(4)], nn.Linear(64, 1))
-    gw = _train(model, torch.optim.AdamW(model.parameters(), lr=1e-3), regression_batches(), _mse, 40, **S1)
+    gw = _train(model, torch.optim.AdamW(model.parameters(), lr=1e-3), regression_batches(), _mse, 40, **EVERY_STEP)
     first = gw.history.update_ratio.values[0]
     scale_cols = [k for k, n in enumerate(gw.history.layers) if n.endswith(".scale")]
     assert float(first[scale_cols].min()) > 10  # the small layers did overrun on step 0
