@@ -20,8 +20,9 @@ own weights were finite. The diagnosis gives the chain in order:
 How, at a cost far below ``torch.autograd.detect_anomaly`` (``benchmarks/detectors.py``
 measures both):
 
-* **Every step**, the model's own output and input: one ``aminmax`` per tensor of the root
-  module's forward, a few device ops, recorded in the statistics ring (no host read).
+* **Every step**, the model's own output: one ``aminmax`` per output tensor of the root
+  module's forward and a few device ops, recorded in the statistics ring (no host read);
+  on check steps its inputs (the batch) too.
 * **On check steps** (``outputs="auto"``: the dense start, the first 32 steps, and every
   sampled step after it), a forward hook on every module keeps references to its
   floating-point inputs and outputs and, at its first call of the step, its own
@@ -123,6 +124,8 @@ class _State:
     row: torch.Tensor | None = None
     modules: torch.Tensor | None = None
     flags: torch.Tensor | None = None
+    peak: torch.Tensor | None = None  # flags[0], the model's outputs' max|x|
+    fresh: bool = True  # no forward yet this step: the flags hold the last step's
     no_event: torch.Tensor | None = None
     touched: bool = False
     armed: bool = True
@@ -158,6 +161,7 @@ def gradwatch_attach(model: ModelInfo, ctx: StepContext) -> None:
     state.no_event[_COL["checked"]] = 0.0
     state.row = torch.cat((state.no_event, torch.zeros(2, dtype=torch.float32, device=device)))
     state.modules, state.flags = state.row[:_MODULE_COLUMNS], state.row[_MODULE_COLUMNS:]
+    state.peak = state.flags[0]
     modules: Any = {"every_step": False, "sampled": True, "auto": _schedule(ctx.cadence)}[state.mode]
     root_schedule = state.mode == "sampled"
     for index, (name, module) in enumerate(root.named_modules()):
@@ -167,8 +171,8 @@ def gradwatch_attach(model: ModelInfo, ctx: StepContext) -> None:
         if own:
             state.weights[index] = own
         if module is root:
-            # A forward that raised left its references behind: read them before the new one.
-            ctx.probes.forward_pre_hook(root, lambda m, a: _flush(state), sampled=root_schedule)
+            # A forward that raised left its references behind (a check step's): read them first.
+            ctx.probes.forward_pre_hook(root, lambda m, a: _flush(state), sampled=modules)
             ctx.probes.forward_hook(root, _root_hook(state), sampled=root_schedule)
         else:
             ctx.probes.forward_hook(module, _module_hook(state, index), sampled=modules)
@@ -215,12 +219,26 @@ def _module_hook(state: _State, index: int) -> Any:
 
 def _root_hook(state: _State) -> Any:
     def hook(module: nn.Module, args: Any, out: Any) -> None:
-        if torch.is_grad_enabled():
-            outputs = [t for t in float_tensors(out) if t.numel()]
-            state.root += outputs
-            state.root_outputs += len(outputs)
+        if not torch.is_grad_enabled():
+            return
+        if not state.tensors and type(out) is torch.Tensor and out.is_floating_point() and out.numel():
+            # Every step, the common case (one output tensor, modules not checked): max|x| in
+            # four launches, on a detached view (no autograd), nothing read on the host.
+            peak = state.peak
+            lo, hi = torch.aminmax(out.detach())
+            if state.fresh:  # the step's first forward: overwrite, no reset needed
+                torch.maximum(hi, lo.neg(), out=peak)
+                state.fresh = False
+            else:
+                torch.maximum(peak, hi, out=peak)
+                torch.maximum(peak, lo.neg(), out=peak)
+            return
+        outputs = [t for t in float_tensors(out) if t.numel()]
+        state.root += outputs
+        state.root_outputs += len(outputs)
+        if state.tensors:  # a check step: the model's inputs too (the batch)
             state.root += [t for t in float_tensors(args) if t.numel()]
-            _flush(state)
+        _flush(state)
 
     return hook
 
@@ -256,8 +274,11 @@ def _flush(state: _State) -> None:
     if flags is None or not (state.root or state.tensors):
         return
     if state.root:
-        # Every step: max|x| of the model's outputs and of its inputs, a few launches. NaN
+        # max|x| of the model's outputs and (check steps) inputs, a few launches. NaN
         # propagates through aminmax and maximum; the host reads "not finite".
+        if state.fresh:
+            flags.zero_()
+            state.fresh = False
         k = state.root_outputs
         for part, slot in ((state.root[:k], 0), (state.root[k:], 1)):
             if part:
@@ -344,11 +365,13 @@ def gradwatch_act(grads: GradBatch, ctx: StepContext) -> None:
         return
     with torch.no_grad():
         _flush(state)  # forwards outside the root module (a head called on its own)
+        if state.fresh:
+            state.flags.zero_()  # no forward of the root module this step
         ctx.record(RECORD, state.row)
         if state.touched:
             state.modules.copy_(state.no_event)
             state.touched = False
-        state.flags.zero_()
+        state.fresh = True
     state.weighed.clear()
 
 
