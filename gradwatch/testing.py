@@ -22,6 +22,7 @@ from gradwatch.hookspecs import hookimpl
 __all__ = [
     "CADENCES",
     "EVERY_STEP",
+    "Flag",
     "SPARSE",
     "NaNAt",
     "ReportCatcher",
@@ -269,6 +270,33 @@ def train(
         optimizer.zero_grad()
         losses.append(loss.detach())
     return torch.stack(losses).tolist()
+
+
+class Flag:
+    """A plugin that makes one ``flagged`` diagnosis per interval with rows and keeps its
+    count of intervals in checkpoints (``gradwatch_state_dict``): ``plugins=[Flag()]``."""
+
+    gradwatch_name = "flag"
+
+    def __init__(self) -> None:
+        self.intervals = 0
+
+    @hookimpl
+    def gradwatch_diagnose(self, window: Any, ctx: Any) -> Any:
+        from gradwatch.types import Diagnosis, Severity
+
+        if not len(window):
+            return None
+        self.intervals += 1
+        return [Diagnosis(kind="flagged", severity=Severity.WARNING, step=int(window.steps[0]), message="seen", source="flag")]
+
+    @hookimpl
+    def gradwatch_state_dict(self) -> dict[str, Any]:
+        return {"flag": {"intervals": self.intervals}}
+
+    @hookimpl
+    def gradwatch_load_state_dict(self, state: dict[str, Any]) -> None:
+        self.intervals = state.get("flag", {}).get("intervals", 0)
 
 
 class ReportCatcher:

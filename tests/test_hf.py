@@ -23,8 +23,9 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
 import gradwatch
-from gradwatch import Diagnosis, GradWatchError, GradWatchWarning, Severity, hookimpl
+from gradwatch import GradWatchError, GradWatchWarning, Severity
 from gradwatch.hf import GradWatchCallback
+from gradwatch.testing import Flag
 
 transformers.logging.set_verbosity_error()
 
@@ -125,30 +126,6 @@ class PostClip(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         self.total.append(total_norm(model))
-
-
-class Flag:
-    """Inline plugin: one diagnosis per interval that has rows, and a counter kept in checkpoints."""
-
-    gradwatch_name = "flag"
-
-    def __init__(self) -> None:
-        self.intervals = 0
-
-    @hookimpl
-    def gradwatch_diagnose(self, window, ctx):
-        if not len(window):
-            return None
-        self.intervals += 1
-        return [Diagnosis(kind="flagged", severity=Severity.WARNING, step=int(window.steps[0]), message="seen", source="flag")]
-
-    @hookimpl
-    def gradwatch_state_dict(self):
-        return {"flag": {"intervals": self.intervals}}
-
-    @hookimpl
-    def gradwatch_load_state_dict(self, state):
-        self.intervals = state.get("flag", {}).get("intervals", 0)
 
 
 def grad_rows(trainer: Trainer) -> dict[int, dict]:

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import gradwatch
 from gradwatch import Diagnosis, GradWatchError, Severity, hookimpl
-from gradwatch.testing import TinyModel
+from gradwatch.testing import Flag, TinyModel
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:.*(does not have many workers|LeafSpec|litlogger|GPU available|Checkpoint directory|max_steps|tensorboardX).*"
@@ -120,30 +120,6 @@ def read_csv(logger: CSVLogger) -> list[dict[str, str]]:
 
 def column(rows: list[dict[str, str]], key: str) -> dict[int, float]:
     return {int(r["step"]): float(r[key]) for r in rows if r.get(key)}
-
-
-class Flag:
-    """Inline plugin: one diagnosis per interval that has rows, and a counter kept in checkpoints."""
-
-    gradwatch_name = "flag"
-
-    def __init__(self) -> None:
-        self.intervals = 0
-
-    @hookimpl
-    def gradwatch_diagnose(self, window, ctx):
-        if not len(window):
-            return None
-        self.intervals += 1
-        return [Diagnosis(kind="flagged", severity=Severity.WARNING, step=int(window.steps[0]), message="seen", source="flag")]
-
-    @hookimpl
-    def gradwatch_state_dict(self):
-        return {"flag": {"intervals": self.intervals}}
-
-    @hookimpl
-    def gradwatch_load_state_dict(self, state):
-        self.intervals = state.get("flag", {}).get("intervals", 0)
 
 
 # ---------------------------------------------------------------------- import and classes
