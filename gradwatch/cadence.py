@@ -77,6 +77,9 @@ class Cadence:
     stats_period: int | None = None
     sample_period: int | None = None
     measured: dict[str, float] = field(default_factory=dict)
+    #: The step the dense start begins at (0; a run resumed from a checkpoint that holds no
+    #: cadence measures afresh from its first step).
+    origin: int = 0
     _pass: list[float] = field(default_factory=list, repr=False)
     _steps: list[tuple[bool, float]] = field(default_factory=list, repr=False)
     _sampled: list[float] = field(default_factory=list, repr=False)
@@ -98,14 +101,15 @@ class Cadence:
 
     def dense(self, step: int) -> bool:
         """Whether ``step`` lies in the dense start of an ``auto`` cadence."""
-        return step < DENSE_STEPS
+        return 0 <= step - self.origin < DENSE_STEPS
 
     def sampled(self, step: int) -> bool:
         """Whether ``step`` samples (activation probes, weight snapshot, module checks)."""
         if self.sample_every != AUTO:
             return step % int(self.sample_every) == 0
-        if step < DENSE_STEPS or self.sample_period is None:
-            logarithmic = step == 0 or (step & (step - 1)) == 0  # 0, 1, 2, 4, 8, 16
+        if self.dense(step) or self.sample_period is None:
+            k = step - self.origin
+            logarithmic = k == 0 or (k > 0 and (k & (k - 1)) == 0)  # 0, 1, 2, 4, 8, 16 from the origin
             # An explicit stats_every keeps its steps: the sampled ones are among them.
             return logarithmic and (self.stats_every == AUTO or step % int(self.stats_every) == 0)
         return step % self.sample_period == 0
@@ -114,7 +118,7 @@ class Cadence:
         """Whether ``step`` reads gradient statistics (every sampled step does)."""
         if self.stats_every != AUTO:
             return step % int(self.stats_every) == 0
-        if step < DENSE_STEPS or self.stats_period is None:
+        if self.dense(step) or self.stats_period is None:
             return True
         return step % self.stats_period == 0 or self.sampled(step)
 
@@ -131,7 +135,7 @@ class Cadence:
             sampled_seconds: A sampled step's sampled work (its forward probes and
                 per-module checks, its weight snapshot and its measurement), else ``None``.
         """
-        if not self.auto or self.decided or step < 1 or step >= DENSE_STEPS:
+        if not self.auto or self.decided or step - self.origin < 1 or not self.dense(step):
             return
         if stats_seconds is not None:
             self._pass.append(stats_seconds)
@@ -208,10 +212,28 @@ class Cadence:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"stats_period": self.stats_period, "sample_period": self.sample_period, "measured": dict(self.measured)}
+        return {
+            "stats_period": self.stats_period,
+            "sample_period": self.sample_period,
+            "measured": dict(self.measured),
+            "origin": self.origin,
+        }
 
     def __repr__(self) -> str:
         return f"Cadence({self.describe()})"
+
+    def due(self, step: int) -> bool:
+        """Whether an ``auto`` cadence has measured its dense start by ``step`` and not decided yet."""
+        return self.auto and not self.decided and step - self.origin >= DENSE_STEPS
+
+    def restart(self, step: int) -> None:
+        """Measure afresh from ``step`` (a resumed run whose checkpoint holds no cadence)."""
+        if self.stats_every == AUTO:
+            self.stats_period = None
+        if self.sample_every == AUTO:
+            self.sample_period = None
+        self.origin, self.measured = step, {}
+        self._pass, self._steps, self._sampled = [], [], []
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.stats_every == AUTO and state.get("stats_period") is not None:
@@ -219,6 +241,7 @@ class Cadence:
         if self.sample_every == AUTO and state.get("sample_period") is not None:
             self.sample_period = int(state["sample_period"])
         self.measured = dict(state.get("measured") or {})
+        self.origin = int(state.get("origin", 0))
 
 
 def _steps(period: int | None) -> str:

@@ -31,7 +31,7 @@ from torch import nn
 
 from gradwatch import _rank
 from gradwatch.amp import AmpSkips
-from gradwatch.cadence import DENSE_STEPS, Cadence, now
+from gradwatch.cadence import Cadence, now
 from gradwatch.config import WatchConfig
 from gradwatch.hooks import Hook, Probes, remove_all
 from gradwatch.layers import as_optimizers, check_optimizers, find_layers, unwrap_model
@@ -512,6 +512,7 @@ class Watcher:
             "diagnoses": [d.to_dict() for d in self.diagnoses],
             "actions": [a.to_dict() for a in self.actions],
             "plugins": plugins,
+            "cadence": self.cadence.state_dict(),
         }
 
     def _plugin_state(self) -> dict[str, Any]:
@@ -528,6 +529,10 @@ class Watcher:
         self.history.load_state_dict(state["history"])
         self.pipeline.diagnoses[:] = [Diagnosis.from_dict(d) for d in state["diagnoses"]]
         self.pipeline.actions[:] = [Action.from_dict(a) for a in state["actions"]]
+        if "cadence" in state:
+            self.cadence.load_state_dict(state["cadence"])
+        elif self.cadence.auto:
+            self.cadence.restart(self._step)  # an older checkpoint: measure afresh from here
         if not self._attached and self._attaches:
             self._carried = dict(state["plugins"])  # detached: the plugins get it at the next attach
             return
@@ -661,7 +666,7 @@ class Watcher:
             self.probes.uninstall()
             self._snapshot_seconds += now() - taken
         self.probing = False
-        if self._step >= DENSE_STEPS and self.cadence.auto and not self.cadence.decided:
+        if self.cadence.due(self._step):
             device = self._plan.device if self._plan is not None else None
             self.cadence.decide((lambda v: _rank.reduce_max(v, device)) if _rank.distributed_ready() else None)
         if self._step % self.config.report_every == 0 or (self._ring is not None and self._ring.full):

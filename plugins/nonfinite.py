@@ -145,7 +145,7 @@ def _schedule(cadence: Any) -> Any:
     """The check steps of ``outputs="auto"``: the dense start and every sampled step."""
 
     def due(step: int) -> bool:
-        return step < DENSE_STEPS or cadence.sampled(step)
+        return cadence.dense(step) or cadence.sampled(step)
 
     return due
 

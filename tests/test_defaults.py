@@ -278,3 +278,31 @@ def test_log_of_an_exact_zero_is_named_with_what_its_input_held():
     assert (d.step, d.layers, d.evidence["produced"]) == (0, ("2",), True)
     assert origin["input_min"] == relu.min().item() == 0.0 and origin["input_max"] == pytest.approx(relu.max().item())
     assert origin["input_has_zero"] is True and origin["output"] == "-inf"
+
+
+def test_a_checkpoint_keeps_the_cadence_and_an_older_one_measures_afresh():
+    def run(gw, model, opt, steps):
+        for _ in range(steps):
+            x = torch.randn(16, 8)
+            nn.functional.mse_loss(model(x), x[:, :1]).backward()
+            opt.step()
+            opt.zero_grad()
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with _watch(model, opt, report=False) as gw:
+        run(gw, model, opt, 40)
+        state = gw.state_dict()
+    chosen = (gw.cadence.stats_period, gw.cadence.sample_period)
+    assert state["cadence"]["stats_period"] == chosen[0]
+    with _watch(model, opt, report=False) as resumed:
+        resumed.load_state_dict(state)
+        assert (resumed.cadence.stats_period, resumed.cadence.sample_period) == chosen and resumed.cadence.decided
+    older = {k: v for k, v in state.items() if k != "cadence"}
+    with _watch(model, opt, report=False) as fresh:
+        fresh.load_state_dict(older)
+        assert not fresh.cadence.decided and fresh.cadence.origin == 40
+        run(fresh, model, opt, DENSE_STEPS + 2)
+        assert fresh.cadence.decided  # measured on steps 41-71, decided at step 72
+    assert set(range(40, 40 + DENSE_STEPS)) <= set(fresh.history.steps.tolist())  # a dense start again
