@@ -221,7 +221,8 @@ def _root_hook(state: _State) -> Any:
     def hook(module: nn.Module, args: Any, out: Any) -> None:
         if not torch.is_grad_enabled():
             return
-        if not state.tensors and type(out) is torch.Tensor and out.is_floating_point() and out.numel():
+        fast = type(out) is torch.Tensor and out.is_floating_point() and out.device == state.peak.device
+        if fast and not state.tensors and out.numel():
             # Every step, the common case (one output tensor, modules not checked): max|x| in
             # four launches, on a detached view (no autograd), nothing read on the host.
             peak = state.peak
