@@ -61,7 +61,17 @@ def _lstm():
 MODELS = {"relu": _relu, "resnet": _resnet, "transformer": _transformer, "lstm": _lstm}
 
 
-@pytest.mark.parametrize("cadence", [{}, {"stats_every": 1, "sample_every": 1}], ids=["defaults", "every_step"])
+# The defaults, and the periods an auto cadence may choose after its dense start (it decides
+# from the machine's timings, so a test of the defaults alone would not cover them all).
+CADENCES = {
+    "defaults": {},
+    "every_step": {"stats_every": 1, "sample_every": 1},
+    "every_8": {"stats_every": 8, "sample_every": 32},
+    "every_64": {"stats_every": 64, "sample_every": 128},
+}
+
+
+@pytest.mark.parametrize("cadence", list(CADENCES.values()), ids=list(CADENCES))
 @pytest.mark.parametrize("name", list(MODELS))
 def test_healthy_models_are_silent(name, cadence):
     model, batches, loss_fn, optimizer, hyper = MODELS[name]()
