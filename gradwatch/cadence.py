@@ -208,7 +208,7 @@ class Cadence:
             "budget": BUDGET,
             "floor_seconds": FLOOR_SECONDS,
             "measured": dict(self.measured),
-            "describe": self.describe(),
+            "description": self.describe(),
         }
 
     def state_dict(self) -> dict[str, Any]:

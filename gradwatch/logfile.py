@@ -104,12 +104,7 @@ def number(value: float) -> float | str | None:
 def cadence_record(report: Report) -> dict[str, Any] | None:
     """The cadence of ``report``'s watch as JSON (``description``: the line the console
     prints), or ``None``."""
-    cadence = report.cadence
-    if cadence is None:
-        return None
-    out = cadence.to_dict()
-    out["description"] = out.pop("describe")
-    return out
+    return None if report.cadence is None else report.cadence.to_dict()
 
 
 def header_record(report: Report, config: WatchConfig) -> dict[str, Any]:

@@ -74,6 +74,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import inspect
 import itertools
 import json
@@ -1197,22 +1198,7 @@ def _judge(remedy: Remedy, variant: str, diagnoses: tuple[Diagnosis, ...], metri
         reason = _reason(metric, draft, base, flow, loss)
         if rising and worse_loss:
             reason += f"; {own} rises: it diverges"
-    return Trial(
-        remedy=remedy,
-        variant=variant,
-        diagnoses=diagnoses,
-        metric=metric,
-        before=before,
-        after=after,
-        growth=growth,
-        losses=draft.losses,
-        nonfinite_step=run.nonfinite_step,
-        flow_effect=flow,
-        loss_effect=loss,
-        verdict=verdict,
-        reason=reason,
-        seconds=run.seconds,
-    )
+    return dataclasses.replace(draft, metric=metric, flow_effect=flow, loss_effect=loss, verdict=verdict, reason=reason)
 
 
 def _reason(metric: str, copy_: Trial, base: Trial, flow: float | None, loss: float | None) -> str:

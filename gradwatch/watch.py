@@ -625,12 +625,9 @@ class Watcher:
             ours = (self._stats_seconds or 0.0) + permanent + scheduled + self._snapshot_seconds + self._install_seconds
             sampled = self._probe_seconds + self._snapshot_seconds if self.cadence.sampled(step - 1) else None
             self.cadence.observe(step - 1, self._stats_seconds, started - self._boundary_at - ours, sampled)
-        probes = scheduled + self._install_seconds
-        self._probe_seconds, self._snapshot_seconds, self._install_seconds = (
-            (probes if self.cadence.sampled(step) else 0.0),
-            0.0,
-            0.0,
-        )
+        # This step's sampled work so far: the probes of its forward (and installing them).
+        self._probe_seconds = scheduled + self._install_seconds if self.cadence.sampled(step) else 0.0
+        self._snapshot_seconds = self._install_seconds = 0.0
         stats = self.cadence.stats(step)
         if stats:
             ring.write_core(step, batch)

@@ -56,7 +56,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -64,9 +64,6 @@ from torch import nn
 from gradwatch import Diagnosis, GradBatch, ModelInfo, Severity, StashKey, StatsWindow, StepContext, WatchConfig, hookimpl
 from gradwatch.cadence import DENSE_STEPS
 from gradwatch.kit import float_tensors, num, plugin_options
-
-if TYPE_CHECKING:
-    from gradwatch.stats import History
 
 _MODES = ("auto", "every_step", "sampled", "off")
 _DEFAULTS: dict[str, Any] = {"outputs": "auto"}
@@ -399,7 +396,7 @@ class _Chain:
         return min(steps) if steps else None
 
 
-def _chain(window: StatsWindow, history: History | None, state: _State, skips: set[int], model: ModelInfo) -> _Chain:
+def _chain(window: StatsWindow, state: _State, skips: set[int]) -> _Chain:
     chain = _Chain()
     loss = window.extras.get("core.loss")
     if loss is not None:
@@ -407,7 +404,7 @@ def _chain(window: StatsWindow, history: History | None, state: _State, skips: s
             if not math.isfinite(value) and step not in skips:
                 chain.loss = (int(step), value)
                 break
-    chain.gradient = _first_bad_gradient(window, skips, model)
+    chain.gradient = _first_bad_gradient(window, skips)
     rows = window.extras.get(RECORD)
     if rows is None:
         return chain
@@ -450,7 +447,7 @@ def _chain(window: StatsWindow, history: History | None, state: _State, skips: s
     return chain
 
 
-def _first_bad_gradient(window: StatsWindow, skips: set[int], model: ModelInfo) -> tuple[int, list[str]] | None:
+def _first_bad_gradient(window: StatsWindow, skips: set[int]) -> tuple[int, list[str]] | None:
     """``(step, layers)`` of the first step with a non-finite gradient entry, the layers
     first in backward order (the last in forward order first). Statistics steps count the
     non-finite entries per layer; on the other steps that read the norms (clipping), a
@@ -482,10 +479,10 @@ def _names(names: list[str], most: int = 3) -> str:
 
 
 @hookimpl
-def gradwatch_diagnose(window: StatsWindow, model: ModelInfo, history: History, ctx: StepContext) -> list[Diagnosis] | None:
+def gradwatch_diagnose(window: StatsWindow, ctx: StepContext) -> list[Diagnosis] | None:
     state = ctx.stash[KEY]
     skips = set(window.amp_skips)
-    chain = _chain(window, history, state, skips, model)
+    chain = _chain(window, state, skips)
     first = chain.first
     if not state.armed:
         if first is None and len(window):

@@ -291,3 +291,37 @@ def test_healthy_training_is_silent(name, make, batches, loss_fn, optimizer, cad
 def test_hook_gradwatch_configure_rejects_bad_options(options):
     with pytest.raises(gradwatch.GradWatchError, match="updates"):
         gradwatch.watch(relu_mlp(depth=3), options={"updates": options}, report=False)
+
+
+def test_the_ratio_and_the_share_quoted_agree_with_plain_torch():
+    """Step 0 of an MLP under Adam at lr 1.0 (each element moves by ~1, the weights' std is
+    ~0.18): every layer's ‖Δw‖/‖w‖ and the share of the update its over-limit layers carry,
+    against a plain-torch step from the same weights."""
+    import copy
+
+    torch.manual_seed(0)
+    model = relu_mlp(depth=4, width=64)
+    start = copy.deepcopy(model.state_dict())
+    x, y = next(regression_batches(d_in=16))
+    # Plain torch: one Adam step, per module the norms of its own parameters before and across it.
+    opt = torch.optim.Adam(model.parameters(), lr=1.0)
+    layers = {n: list(m.parameters(recurse=False)) for n, m in model.named_modules() if list(m.parameters(recurse=False))}
+    before = {n: [p.detach().clone() for p in ps] for n, ps in layers.items()}
+    nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+    delta = {n: sum(float((p.detach() - b).square().sum()) for p, b in zip(ps, before[n])) for n, ps in layers.items()}
+    weight = {n: sum(float(b.square().sum()) for b in before[n]) for n in layers}
+    ratio = {n: (delta[n] / weight[n]) ** 0.5 for n in layers}
+    over = [n for n in layers if ratio[n] >= 3.0]
+    share = sum(delta[n] for n in over) / sum(delta.values())
+    assert over and share > 0.5  # the scenario: an overrun on step 0
+
+    model.load_state_dict(start)
+    opt = torch.optim.Adam(model.parameters(), lr=1.0)
+    gw = _train(model, opt, iter([(x, y)] * 3), lambda m, a, b: nn.functional.mse_loss(m(a), b), 3, **EVERY_STEP)
+    (d,) = _found(gw)
+    ev = d.evidence
+    assert ev["judged_steps"][0] == 0 and set(d.layers) == set(over)
+    assert ev["update_share"] == pytest.approx(share, rel=1e-4)
+    row = gw.history.update_ratio.values[0]  # step 0, layers in forward order
+    assert dict(zip(gw.history.layers, row.tolist())) == pytest.approx(ratio, rel=1e-4)
